@@ -1,0 +1,35 @@
+r"""Pretrains a SimCLR encoder.
+
+    python run_pretrain.py --workdir=runs/default [--config=configs/default.py] \
+        [--config.batch_size=512 ...]
+
+Rerunning the same command resumes from the latest checkpoint in --workdir.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from simclr_jax import distributed
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs/default.py'),
+    'Training configuration file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.',
+                               required=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import tensorflow as tf  # Hide accelerators from tf.data before JAX takes them.
+  tf.config.set_visible_devices([], 'GPU')
+  distributed.initialize_from_flags()
+  from simclr_jax import pretrain
+  pretrain.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  logging.set_verbosity(logging.INFO)
+  app.run(main)

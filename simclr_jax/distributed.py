@@ -1,0 +1,32 @@
+"""Multi-process start-up: Cloud TPU pods, GPU clusters, several processes on one machine.
+
+Every process runs the same program. On a Cloud TPU VM pod slice `--multihost` lets JAX read
+the topology from the metadata server; elsewhere pass the coordinator explicitly.
+"""
+
+import os
+
+import jax
+from absl import flags, logging
+
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, for GPU clusters or local processes.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Total number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index, 0..num_processes-1.')
+_MULTIHOST = flags.DEFINE_bool(
+    'multihost', False,
+    'Call jax.distributed.initialize() with no arguments (Cloud TPU pods, Slurm). '
+    'Also enabled by the environment variable SIMCLR_MULTIHOST=1.')
+
+
+def initialize_from_flags() -> None:
+  """Initialises jax.distributed when asked to; must run before any device is touched."""
+  if _COORDINATOR.value is not None:
+    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+      raise ValueError('--coordinator_address needs --num_processes and --process_id.')
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _MULTIHOST.value or os.environ.get('SIMCLR_MULTIHOST') == '1':
+    jax.distributed.initialize()
+  logging.info('process %d of %d; %d local / %d global devices (%s)', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)

@@ -1,0 +1,218 @@
+"""SimCLR networks: ResNet v1 encoder, projection head and online linear probe (Flax linen).
+
+The ResNet follows the official SimCLR code: post-activation v1 blocks with the stride on the 3x3
+conv ("v1.5"), PyTorch-style explicit padding for strided convs, truncated-normal fan-in conv init,
+BatchNorm momentum 0.9 / epsilon 1e-5 and a zero-initialised last BatchNorm scale in every block.
+BatchNorm has no `axis_name`: under `jax.jit` on a batch-sharded input its statistics are already
+global (see docs/design.md).
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_STAGE_SIZES = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+    200: (3, 24, 36, 3),
+}
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+_PROJ_MODES = ('nonlinear', 'linear')
+
+conv_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+dense_init = nn.initializers.normal(0.01)
+
+
+def _check_depth(depth: int) -> None:
+  if depth not in _STAGE_SIZES:
+    raise ValueError(f'Unsupported ResNet depth {depth}; supported: {sorted(_STAGE_SIZES)}.')
+
+
+def _uses_bottleneck(depth: int) -> bool:
+  return depth >= 50
+
+
+def _stage_channels(width_multiplier: float) -> tuple[int, ...]:
+  return tuple(int(c * width_multiplier) for c in (64, 128, 256, 512))
+
+
+def feature_dim(depth: int, width_multiplier: float = 1) -> int:
+  """Size of the representation h: 512*w for ResNet-18/34, 2048*w for deeper ResNets."""
+  _check_depth(depth)
+  expansion = 4 if _uses_bottleneck(depth) else 1
+  return _stage_channels(width_multiplier)[-1] * expansion
+
+
+def _padding(kernel_size: int, stride: int):
+  """'SAME' for stride 1; PyTorch/TF-SimCLR fixed padding for strided convs (not XLA 'SAME')."""
+  if stride == 1:
+    return 'SAME'
+  before = (kernel_size - 1) // 2
+  return ((before, kernel_size - 1 - before),) * 2
+
+
+def _conv(features, kernel_size, stride=1, *, dtype, name):
+  return nn.Conv(features, (kernel_size, kernel_size), (stride, stride),
+                 padding=_padding(kernel_size, stride), use_bias=False, kernel_init=conv_init,
+                 dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def _norm(train, *, dtype, name, zero_scale=False, use_bias=True):
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                      use_bias=use_bias,
+                      scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
+                      dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def _shortcut(x, features, stride, train, dtype):
+  """Identity, or a strided 1x1 conv + BatchNorm where the shape changes."""
+  if stride == 1 and x.shape[-1] == features:
+    return x
+  x = _conv(features, 1, stride, dtype=dtype, name='proj_conv')(x)
+  return _norm(train, dtype=dtype, name='proj_bn')(x)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs (ResNet-18/34)."""
+  features: int
+  stride: int
+  zero_init_last_bn: bool
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, train):
+    conv = functools.partial(_conv, dtype=self.dtype)
+    norm = functools.partial(_norm, train, dtype=self.dtype)
+    y = conv(self.features, 3, self.stride, name='conv1')(x)
+    y = nn.relu(norm(name='bn1')(y))
+    y = conv(self.features, 3, name='conv2')(y)
+    y = norm(name='bn2', zero_scale=self.zero_init_last_bn)(y)
+    return nn.relu(y + _shortcut(x, self.features, self.stride, train, self.dtype))
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 -> 3x3 (strided) -> 1x1 with 4x expansion (ResNet-50 and deeper)."""
+  features: int
+  stride: int
+  zero_init_last_bn: bool
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, train):
+    conv = functools.partial(_conv, dtype=self.dtype)
+    norm = functools.partial(_norm, train, dtype=self.dtype)
+    y = conv(self.features, 1, name='conv1')(x)
+    y = nn.relu(norm(name='bn1')(y))
+    y = conv(self.features, 3, self.stride, name='conv2')(y)
+    y = nn.relu(norm(name='bn2')(y))
+    y = conv(4 * self.features, 1, name='conv3')(y)
+    y = norm(name='bn3', zero_scale=self.zero_init_last_bn)(y)
+    return nn.relu(y + _shortcut(x, 4 * self.features, self.stride, train, self.dtype))
+
+
+class ResNet(nn.Module):
+  """ResNet v1 encoder: images [B, H, W, 3] in [0, 1] -> pooled representation h [B, F], float32."""
+  depth: int
+  width_multiplier: float = 1
+  cifar_stem: bool = False
+  zero_init_last_bn: bool = True
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    _check_depth(self.depth)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    channels = _stage_channels(self.width_multiplier)
+    norm = functools.partial(_norm, train, dtype=self.dtype)
+    x = jnp.asarray(x, self.dtype)
+    kernel_size, stride = (3, 1) if self.cifar_stem else (7, 2)
+    x = _conv(channels[0], kernel_size, stride, dtype=self.dtype, name='conv_init')(x)
+    x = nn.relu(norm(name='bn_init')(x))
+    if not self.cifar_stem:
+      x = nn.max_pool(x, (3, 3), (2, 2), padding='SAME')
+
+    block = BottleneckBlock if _uses_bottleneck(self.depth) else BasicBlock
+    for i, (num_blocks, features) in enumerate(zip(_STAGE_SIZES[self.depth], channels)):
+      for j in range(num_blocks):
+        stride = 2 if i > 0 and j == 0 else 1
+        x = block(features, stride, self.zero_init_last_bn, self.dtype,
+                  name=f'stage{i + 1}_block{j + 1}')(x, train)
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+class ProjectionHead(nn.Module):
+  """SimCLR projection g(h) -> z, with BatchNorm on every layer as in the official code.
+
+  'nonlinear': (num_layers - 1) x [Dense(hidden_dim) -> BN -> ReLU], then Dense(proj_dim) -> BN
+  without bias. 'linear': Dense(proj_dim) -> BN without bias. Dense layers have no bias; hidden_dim
+  defaults to the input feature size. Returns float32.
+  """
+  num_layers: int = 2
+  proj_dim: int = 128
+  hidden_dim: int | None = None
+  mode: str = 'nonlinear'
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if self.mode not in _PROJ_MODES:
+      raise ValueError(f'Unknown projection head mode {self.mode!r}; expected one of '
+                       f'{_PROJ_MODES}.')
+    if self.num_layers < 1:
+      raise ValueError(f'num_layers must be >= 1, got {self.num_layers}.')
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    dense = functools.partial(nn.Dense, use_bias=False, kernel_init=dense_init, dtype=self.dtype,
+                              param_dtype=jnp.float32)
+    norm = functools.partial(_norm, train, dtype=self.dtype)
+    num_hidden = self.num_layers - 1 if self.mode == 'nonlinear' else 0
+    hidden_dim = self.hidden_dim or x.shape[-1]
+    for i in range(num_hidden):
+      x = dense(hidden_dim, name=f'dense{i + 1}')(x)
+      x = nn.relu(norm(name=f'bn{i + 1}')(x))
+    x = dense(self.proj_dim, name='dense_out')(x)
+    x = norm(name='bn_out', use_bias=False)(x)
+    return x.astype(jnp.float32)
+
+
+class SimCLRModel(nn.Module):
+  """Encoder and projection head, plus a linear probe on stop_gradient(h) when num_classes > 0."""
+  encoder: nn.Module
+  head: nn.Module
+  num_classes: int = 0
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    h = self.encoder(x, train=train)
+    outputs = {'h': h, 'z': self.head(h, train=train)}
+    if self.num_classes > 0:
+      probe = nn.Dense(self.num_classes, kernel_init=dense_init, name='probe')
+      outputs['probe_logits'] = probe(jax.lax.stop_gradient(h))
+    return outputs
+
+  def encode(self, x, train: bool = False):
+    """The representation h only (for evaluation: `apply(..., method=SimCLRModel.encode)`)."""
+    return self.encoder(x, train=train)
+
+
+def create_model(model_config, num_classes: int = 0) -> SimCLRModel:
+  """Builds the SimCLRModel described by `config.model` (see configs/default.py)."""
+  if model_config.dtype not in _DTYPES:
+    raise ValueError(f'Unknown model dtype {model_config.dtype!r}; expected one of '
+                     f'{list(_DTYPES)}.')
+  dtype = _DTYPES[model_config.dtype]
+  encoder = ResNet(depth=model_config.depth, width_multiplier=model_config.width_multiplier,
+                   cifar_stem=model_config.cifar_stem,
+                   zero_init_last_bn=model_config.zero_init_last_bn, dtype=dtype)
+  head = ProjectionHead(num_layers=model_config.proj_num_layers, proj_dim=model_config.proj_dim,
+                        mode=model_config.proj_mode, dtype=dtype)
+  return SimCLRModel(encoder=encoder, head=head, num_classes=num_classes)

@@ -1,0 +1,48 @@
+"""SimCLR optimisation: LARS with the official exclusions, and the warmup + cosine LR schedule."""
+
+import math
+
+import jax
+import optax
+
+
+def _is_lars_kernel(path, _) -> bool:
+  """Conv and dense kernels outside the online probe (the official 'head_supervised' exclusion)."""
+  names = [getattr(key, 'key', getattr(key, 'name', None)) for key in path]
+  return names[-1] == 'kernel' and 'probe' not in names
+
+
+def lars_mask(params):
+  """True for the leaves that LARS decays and adapts; biases, BatchNorm and the probe are False."""
+  return jax.tree_util.tree_map_with_path(_is_lars_kernel, params)
+
+
+def lars(learning_rate, weight_decay, momentum=0.9, trust_coefficient=1e-3):
+  """LARS as in the SimCLR code (classic momentum, learning rate inside the momentum buffer).
+
+  Kernels outside `probe` get weight decay added to the gradient and the trust ratio
+  trust_coefficient * |w| / |g| (1 if a norm is 0); all other leaves get plain momentum SGD.
+  """
+  return optax.lars(learning_rate, weight_decay=weight_decay, weight_decay_mask=lars_mask,
+                    trust_coefficient=trust_coefficient, eps=0.0, trust_ratio_mask=lars_mask,
+                    momentum=momentum, nesterov=False)
+
+
+def learning_rate_schedule(base_learning_rate, batch_size, num_train_steps, warmup_steps,
+                           scaling='linear'):
+  """Linear warmup from 0 to the scaled peak, then cosine decay to 0 at num_train_steps.
+
+  peak = base * batch_size / 256 ('linear') or base * sqrt(batch_size) ('sqrt').
+  """
+  if scaling == 'linear':
+    peak = base_learning_rate * batch_size / 256
+  elif scaling == 'sqrt':
+    peak = base_learning_rate * math.sqrt(batch_size)
+  else:
+    raise ValueError(f"Unknown learning-rate scaling {scaling!r}; expected 'linear' or 'sqrt'.")
+  if warmup_steps < 0 or num_train_steps < 1:
+    raise ValueError(f'Need warmup_steps >= 0 and num_train_steps >= 1, got {warmup_steps} and '
+                     f'{num_train_steps}.')
+  if warmup_steps >= num_train_steps:  # Short runs never leave the warmup, as in the official code.
+    return optax.linear_schedule(0.0, peak, warmup_steps)
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, num_train_steps)

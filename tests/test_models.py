@@ -1,0 +1,246 @@
+"""ResNet, projection head and SimCLRModel: sizes, shapes, initialisation, dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import default
+from simclr_jax import models
+
+
+@pytest.fixture(autouse=True, scope='module')
+def fast_compilation():
+  previous = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', previous)
+
+
+def _init(module, x, **kwargs):
+  return jax.jit(lambda x: module.init(jax.random.key(0), x, **kwargs))(x)
+
+
+def _count(tree):
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def _abstract_variables(module, image_size=32, batch=2):
+  x = jnp.zeros((batch, image_size, image_size, 3))
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), x, train=False))
+
+
+def _tiny_resnet(**kwargs):
+  return models.ResNet(18, width_multiplier=0.125, cifar_stem=True, **kwargs)
+
+
+@pytest.mark.parametrize('depth, expected', [
+    (50, 23_508_032),  # torchvision resnet50 (25,557,032) without its fc layer (2048*1000 + 1000).
+    (18, 11_176_512),  # torchvision resnet18 (11,689,512) without its fc layer (512*1000 + 1000).
+])
+def test_parameter_counts(depth, expected):
+  params = _abstract_variables(models.ResNet(depth))['params']
+  assert _count(params) == expected
+  cifar_params = _abstract_variables(models.ResNet(depth, cifar_stem=True))['params']
+  # Only the stem conv changes: 7x7x3x64 -> 3x3x3x64 weights.
+  assert _count(params) - _count(cifar_params) == 7 * 7 * 3 * 64 - 3 * 3 * 3 * 64
+  assert cifar_params['conv_init']['kernel'].shape == (3, 3, 3, 64)
+
+
+@pytest.mark.parametrize('depth, width, dim', [
+    (18, 1, 512), (18, 2, 1024), (34, 1, 512), (34, 2, 1024), (50, 1, 2048), (50, 2, 4096),
+    (18, 0.25, 128), (50, 0.125, 256),
+])
+def test_feature_dim_and_output_shape(depth, width, dim):
+  assert models.feature_dim(depth, width) == dim
+  module = models.ResNet(depth, width_multiplier=width)
+  variables = _abstract_variables(module)
+  h = jax.eval_shape(lambda v: module.apply(v, jnp.zeros((3, 32, 32, 3)), train=False), variables)
+  assert h.shape == (3, dim) and h.dtype == jnp.float32
+
+
+@pytest.mark.parametrize('cifar_stem, image_size, stage_sizes', [
+    (False, 64, (16, 8, 4, 2)),  # 7x7/2 conv and 3x3/2 max-pool: /4 before stage 1.
+    (True, 32, (32, 16, 8, 4)),
+    (False, 224, (56, 28, 14, 7)),
+])
+def test_stems_and_stage_strides(cifar_stem, image_size, stage_sizes):
+  module = models.ResNet(50, width_multiplier=0.125, cifar_stem=cifar_stem)
+  x = jnp.zeros((1, image_size, image_size, 3))
+
+  def forward(x):
+    return module.init_with_output(jax.random.key(0), x, train=False,
+                                   capture_intermediates=True)
+
+  (_, variables) = jax.eval_shape(forward, x)
+  outputs = variables['intermediates']
+  last_blocks = ['stage1_block3', 'stage2_block4', 'stage3_block6', 'stage4_block3']
+  for name, size in zip(last_blocks, stage_sizes):
+    assert outputs[name]['__call__'][0].shape[1:3] == (size, size), name
+
+
+def test_strided_convs_use_symmetric_padding():
+  # On an even input, XLA 'SAME' would pad a 7x7/2 conv by (2, 3); the official code pads (3, 3).
+  module = models.ResNet(18, width_multiplier=0.125)
+  x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
+
+  @jax.jit
+  def stem_output(x):
+    variables = module.init(jax.random.key(0), x, train=False)
+    _, state = module.apply(variables, x, train=False, capture_intermediates=True)
+    return variables['params']['conv_init']['kernel'], state['intermediates']['conv_init']
+
+  kernel, stem = stem_output(x)
+  expected = jax.lax.conv_general_dilated(x, kernel, (2, 2), ((3, 3), (3, 3)),
+                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                          precision='highest')
+  np.testing.assert_allclose(stem['__call__'][0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_init_is_truncated_lecun_normal():
+  params = _init(_tiny_resnet(), jnp.zeros((1, 8, 8, 3)), train=False)['params']
+  kernel = np.asarray(params['stage4_block1']['conv2']['kernel'])  # fan_in = 3 * 3 * 64.
+  std = np.sqrt(1 / (3 * 3 * 64))
+  np.testing.assert_allclose(kernel.std(), std, rtol=0.02)
+  assert np.abs(kernel).max() <= 2 * std / 0.87962566 + 1e-6  # Truncated at 2 stddevs.
+  assert np.abs(kernel).max() > 1.9 * std / 0.87962566
+
+
+@pytest.mark.parametrize('depth, last_bn, zero_init', [
+    (18, 'bn2', True), (18, 'bn2', False), (50, 'bn3', True),
+])
+def test_zero_init_last_bn(depth, last_bn, zero_init):
+  module = models.ResNet(depth, width_multiplier=0.125, cifar_stem=True,
+                         zero_init_last_bn=zero_init)
+  params = _init(module, jnp.zeros((1, 8, 8, 3)), train=False)['params']
+  blocks = {name: p for name, p in params.items() if name.startswith('stage')}
+  assert len(blocks) == (8 if depth == 18 else 16)
+  for block in blocks.values():
+    np.testing.assert_array_equal(block[last_bn]['scale'], 0.0 if zero_init else 1.0)
+    np.testing.assert_array_equal(block['bn1']['scale'], 1.0)
+    if 'proj_bn' in block:
+      np.testing.assert_array_equal(block['proj_bn']['scale'], 1.0)
+  # Projection shortcuts only where the shape changes.
+  with_projection = sorted(name for name, block in blocks.items() if 'proj_conv' in block)
+  expected = ['stage2_block1', 'stage3_block1', 'stage4_block1']
+  assert with_projection == (expected if depth == 18 else ['stage1_block1'] + expected)
+
+
+def test_bfloat16_computes_in_bfloat16_with_float32_params_and_output():
+  x = jax.random.uniform(jax.random.key(1), (4, 8, 8, 3))
+  module = _tiny_resnet(dtype=jnp.bfloat16)
+  variables = _init(module, x, train=False)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+
+  @jax.jit
+  def forward(variables, x):
+    bf16 = module.apply(variables, x, train=True, mutable=['batch_stats', 'intermediates'],
+                        capture_intermediates=True)
+    f32, _ = _tiny_resnet().apply(variables, x, train=True, mutable=['batch_stats'])
+    return bf16, f32
+
+  (h, state), h32 = forward(variables, x)
+  assert h.dtype == jnp.float32
+  assert state['intermediates']['stage4_block2']['__call__'][0].dtype == jnp.bfloat16
+  assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(state['batch_stats']))
+  np.testing.assert_allclose(h, h32, rtol=0.1, atol=0.1)
+
+
+def test_bad_depth():
+  with pytest.raises(ValueError, match=r'\[18, 34, 50, 101, 152, 200\]'):
+    models.ResNet(42)
+  with pytest.raises(ValueError, match='depth'):
+    models.feature_dim(26)
+
+
+@pytest.mark.parametrize('mode, num_layers, expected', [
+    # Dense 512x512, BN (scale+bias), Dense 512x128, BN (scale only).
+    ('nonlinear', 2, 512 * 512 + 2 * 512 + 512 * 128 + 128),
+    ('nonlinear', 3, 2 * (512 * 512 + 2 * 512) + 512 * 128 + 128),
+    ('linear', 3, 512 * 128 + 128),
+])
+def test_projection_head_parameters(mode, num_layers, expected):
+  head = models.ProjectionHead(num_layers=num_layers, mode=mode)
+  variables = jax.eval_shape(lambda: head.init(jax.random.key(0), jnp.zeros((2, 512)), train=True))
+  assert _count(variables['params']) == expected
+  assert set(variables['params']['bn_out']) == {'scale'}
+  z = jax.eval_shape(lambda v: head.apply(v, jnp.zeros((2, 512)), train=False), variables)
+  assert z.shape == (2, 128) and z.dtype == jnp.float32
+
+
+def test_projection_head_bad_mode():
+  with pytest.raises(ValueError, match='mode'):
+    models.ProjectionHead(mode='mlp')
+
+
+def _model_config(**overrides):
+  config = default.get_config().model
+  config.update(dict(depth=18, width_multiplier=0.125, cifar_stem=True) | overrides)
+  return config
+
+
+def test_simclr_model_outputs_and_tree():
+  model = models.create_model(_model_config(), num_classes=10)
+  x = jax.random.uniform(jax.random.key(1), (6, 8, 8, 3))
+  variables = _init(model, x, train=False)
+  assert set(variables) == {'params', 'batch_stats'}
+  assert set(variables['params']) == {'encoder', 'head', 'probe'}
+  assert set(variables['batch_stats']) == {'encoder', 'head'}
+
+  @jax.jit
+  def forward(variables, x):
+    return (model.apply(variables, x, train=False),
+            model.apply(variables, x, train=False, method=models.SimCLRModel.encode))
+
+  outputs, h = forward(variables, x)
+  assert set(outputs) == {'h', 'z', 'probe_logits'}
+  assert outputs['h'].shape == (6, 64)
+  assert outputs['z'].shape == (6, 128)
+  assert outputs['probe_logits'].shape == (6, 10)
+  np.testing.assert_array_equal(h, outputs['h'])
+
+  no_probe = models.create_model(_model_config(proj_mode='linear', proj_dim=32))
+  variables = jax.eval_shape(lambda: no_probe.init(jax.random.key(0), x, train=False))
+  assert set(variables['params']) == {'encoder', 'head'}
+  outputs = jax.eval_shape(lambda v: no_probe.apply(v, x, train=False), variables)
+  assert set(outputs) == {'h', 'z'} and outputs['z'].shape == (6, 32)
+
+
+def test_probe_sees_stop_gradient_features():
+  model = models.create_model(_model_config(), num_classes=3)
+  x = jax.random.uniform(jax.random.key(1), (4, 8, 8, 3))
+  labels = jnp.array([0, 1, 2, 0])
+  target = jax.random.normal(jax.random.key(2), (4, 128))
+  variables = _init(model, x, train=False)
+
+  @jax.jit
+  def grads(params, probe_weight):
+    def loss_fn(params):
+      out, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                           train=True, mutable=['batch_stats'])
+      probe_loss = optax.softmax_cross_entropy_with_integer_labels(out['probe_logits'], labels)
+      return jnp.sum(out['z'] * target) + probe_weight * probe_loss.mean()
+    return jax.grad(loss_fn)(params)
+
+  without_probe = grads(variables['params'], 0.0)
+  with_probe = grads(variables['params'], 1.0)
+  for part in ('encoder', 'head'):
+    jax.tree.map(np.testing.assert_array_equal, with_probe[part], without_probe[part])
+  assert np.abs(with_probe['probe']['kernel']).sum() > 0
+  np.testing.assert_array_equal(without_probe['probe']['kernel'], 0.0)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(dtype='float16'), 'dtype'),
+    (dict(proj_mode='none'), 'mode'),
+    (dict(depth=20), 'depth'),
+])
+def test_create_model_bad_config(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    models.create_model(_model_config(**overrides))
+
+
+def test_create_model_bfloat16():
+  model = models.create_model(_model_config(dtype='bfloat16'))
+  assert model.encoder.dtype == jnp.bfloat16 and model.head.dtype == jnp.bfloat16
