@@ -88,6 +88,11 @@ def train_step(state: train_state_lib.TrainState, batch: dict, *, model, tx, sch
   return new_state, metrics
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
 def _summarise(pending: list[dict]) -> dict:
   """Host-side means of the metrics of a logging interval (one device->host transfer)."""
   stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *pending))
@@ -197,8 +202,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           writer.write(step, record)
           metrics_writer.log_progress(step, total_steps, record)
         if step % config.checkpoint_every_steps == 0 or is_last or stopping:
-          if pending and not np.isfinite(float(pending[-1]['loss'])):
-            raise FloatingPointError(f'Loss is not finite at step {step}; not checkpointing.')
+          if not all_finite(state.params):
+            raise FloatingPointError(
+                f'Parameters are not finite after step {step}; not checkpointing. The last good '
+                f'checkpoint is step {checkpointer.latest_step()}.')
           checkpointer.save(state, meta)
         if stopping:
           logging.warning('Stopped at step %d; rerun the same command to resume.', step)

@@ -12,3 +12,46 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+TINY_DATASET = 'tiny_images'
+TINY_IMAGE_SIZE = 16
+TINY_NUM_CLASSES = 4
+
+
+def store_tiny_dataset(data_dir, num_train=96, num_test=32, seed=0):
+  """A labelled 16x16 RGB TFDS dataset of random images, written to `data_dir`."""
+  import tensorflow_datasets as tfds
+  rng = np.random.RandomState(seed)
+
+  def examples(n):
+    return [(i, {'image': rng.randint(0, 256, (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3), np.uint8),
+                 'label': i % TINY_NUM_CLASSES}) for i in range(n)]
+
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name=TINY_DATASET, version='1.0.0',
+      features=tfds.features.FeaturesDict({
+          'image': tfds.features.Image(shape=(TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3)),
+          'label': tfds.features.ClassLabel(num_classes=TINY_NUM_CLASSES)}),
+      split_datasets={'train': examples(num_train), 'test': examples(num_test)},
+      data_dir=data_dir)
+  return data_dir
+
+
+@pytest.fixture(scope='session')
+def tiny_data_dir(tmp_path_factory):
+  return store_tiny_dataset(str(tmp_path_factory.mktemp('tfds')))
+
+
+def tiny_pretrain_config(data_dir, **overrides):
+  """configs/default.py shrunk to a ResNet-18 of width 1/8 on the tiny dataset."""
+  from configs import default
+  config = default.get_config()
+  config.update(dict(dataset=TINY_DATASET, data_dir=data_dir, image_size=TINY_IMAGE_SIZE,
+                     batch_size=16, shuffle_buffer=32, num_train_steps=4, log_every_steps=1,
+                     checkpoint_every_steps=2, warmup_epochs=0.5))
+  config.model.width_multiplier = 0.125
+  config.update(overrides)
+  return config

@@ -1,0 +1,324 @@
+"""TFDS input pipelines: pretraining batches (two views per image) and evaluation batches.
+
+Batches are host-local numpy dicts. Each process reads its own part of the split
+(`tfds.split_for_jax_process`), and all processes yield the same number of batches.
+
+Pretraining position: step s is batch `s % steps_per_epoch` of epoch `s // steps_per_epoch`.
+Epoch e is a fresh pipeline whose file order and shuffle are fixed by (config.seed, e, process)
+and whose augmentation seeds are folded from (config.seed, e, example id, view), so
+`pretrain_batches(config, start_step=s)` yields the batches an uninterrupted run yields from step
+s on. The example id is a hash of the example's `tfds_id`, so views do not depend on the number of
+processes or on where the example sits in the shuffle.
+
+Image sizes: pretraining at `config.image_size` larger than the dataset's stored images (when
+their shape is fixed, e.g. 28x28 Fashion-MNIST) is an error: every view would be an upsampled
+crop, costing compute without adding information. Random crops of a single image smaller than the
+target are fine (they are upsampled, as in the reference), and evaluation may upsample (e.g. a
+224-pixel encoder evaluated on 32x32 CIFAR-10).
+
+Decoding: JPEG datasets (e.g. imagenet2012) are read encoded and each view decodes only its crop
+window (`tf.image.decode_and_crop_jpeg`); other images (PNG: fashion_mnist, cifar10) are decoded
+once per example, after the shuffle and after the examples skipped on resume.
+"""
+
+from concurrent import futures
+import itertools
+import os
+
+from absl import logging
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from simclr_jax import augment as augment_lib
+from simclr_jax import prepare_data
+
+EVAL_CROP_FRACTION = 0.875
+_ID_BUCKETS = 2**62  # Hash range of example ids.
+
+
+def num_examples(dataset, split, data_dir=None):
+  """Examples in `split` ('train', 'train+unlabelled', 'train[:90%]', ...) from TFDS metadata."""
+  return _split_info(load_builder(dataset, data_dir), split).num_examples
+
+
+def num_classes(dataset, data_dir=None):
+  """Classes of the dataset's 'label' feature, or None when it has no labels."""
+  features = load_builder(dataset, data_dir).info.features
+  return features['label'].num_classes if 'label' in features else None
+
+
+def steps_per_epoch(num_examples, global_batch_size):  # pylint: disable=redefined-outer-name
+  """Pretraining steps per epoch (the incomplete last batch is dropped)."""
+  return num_examples // global_batch_size
+
+
+def eval_steps(num_examples, global_batch_size):  # pylint: disable=redefined-outer-name
+  """Batches `eval_batches` yields per process: every example once, the last batch padded."""
+  return -(-num_examples // global_batch_size)
+
+
+def ensure_prepared(dataset, data_dir=None):
+  """Makes sure `dataset` is prepared in `data_dir`: nothing to do, local files, or a download.
+
+  Builds fashion_mnist from /usr/share/datasets/fashion-mnist when present; lets TFDS download
+  other registered datasets (cifar10, stl10, ...). Run it in one process per file system (TFDS
+  writes to a temporary folder and renames it, so a race only wastes work).
+  """
+  builder = _builder(dataset, data_dir)
+  if builder.is_prepared():
+    return
+  if prepare_data.can_prepare_offline(dataset):
+    prepare_data.prepare(dataset, data_dir=data_dir)
+    return
+  logging.warning('%s is not prepared in %s: downloading it with TFDS. Without network access '
+                  'this fails after minutes of retries; to prepare it offline instead: %s',
+                  dataset, builder.data_dir, _prepare_command(dataset, data_dir))
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # pylint: disable=broad-except  # Network errors come in many types.
+    raise RuntimeError(
+        f'Could not download {dataset} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
+        f'prepare it offline: {_prepare_command(dataset, data_dir)}') from e
+
+
+def load_builder(dataset, data_dir=None):
+  """The TFDS builder of a prepared dataset with a uint8 'image' feature of 1 or 3 channels."""
+  builder = _builder(dataset, data_dir)
+  if not builder.is_prepared():
+    raise FileNotFoundError(f'{dataset} is not prepared in {builder.data_dir}; run: '
+                            f'{_prepare_command(dataset, data_dir)}')
+  features = builder.info.features
+  image = features['image'] if 'image' in features else None
+  if not isinstance(image, tfds.features.Image):
+    raise ValueError(f"{dataset} has no 'image' feature (it has {list(features)}); "
+                     'SimCLR needs an image dataset.')
+  if image.np_dtype != np.uint8 or image.shape[-1] not in (1, 3):
+    raise ValueError(f'{dataset} images are {image.np_dtype} {image.shape}; need uint8 images '
+                     'with 1 or 3 channels.')
+  return builder
+
+
+def pretrain_batches(config, *, start_step=0, process_index=None, process_count=None):
+  """Endless iterator of {'views': float32 [b, 2, H, W, 3], 'label': int32 [b]} from start_step.
+
+  b = config.batch_size // process_count; label is -1 for datasets without labels. Rows i of
+  `views` are two views of one image. The first batch takes a few seconds (the shuffle buffer
+  fills); the next epoch's pipeline is built and started in a background thread.
+  """
+  process_index, process_count = _process(process_index, process_count)
+  local_batch = _local_batch_size(config.batch_size, process_count)
+  builder = load_builder(config.dataset, config.data_dir)
+  _check_pretrain_resolution(builder, config.image_size)
+  split_examples = _split_info(builder, config.train_split).num_examples
+  steps = steps_per_epoch(split_examples, config.batch_size)
+  if not steps:
+    raise ValueError(f'batch_size={config.batch_size} exceeds the {split_examples} examples of '
+                     f'{config.dataset} {config.train_split}.')
+  split = tfds.split_for_jax_process(config.train_split, process_index=process_index,
+                                     process_count=process_count)
+
+  def epoch_batches(epoch, skip_batches):
+    seed = _epoch_seed(config.seed, epoch, process_index)
+    ds = read_split(builder, split, shuffle_seed=seed)
+    ds = ds.shuffle(config.shuffle_buffer, seed=seed).take(steps * local_batch)
+    ds = ds.skip(skip_batches * local_batch)
+    ds = ds.map(pretrain_preprocess_fn(config, builder.info.features, epoch=epoch),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    return _finish(ds.batch(local_batch, drop_remainder=True))
+
+  epoch, skip_batches = divmod(start_step, steps)
+  first = epoch_batches(epoch, skip_batches)  # Built here, so that config errors raise here.
+  return _epochs(first, epoch_batches, epoch + 1)
+
+
+def eval_batches(config, split, *, batch_size, process_index=None, process_count=None,
+                 augment=False, epoch=None):
+  """Iterator of {'image': float32 [b, H, W, 3], 'label': int32 [b], 'mask': bool [b]}.
+
+  b = batch_size // process_count (batch_size is global). Yields `eval_steps(num_examples(...),
+  batch_size)` batches on every process; across processes every example of `split` appears
+  exactly once with mask True, the rest is zero padding with mask False.
+
+  epoch=None reads the split in a fixed order; an int reads that epoch's shuffled order (for
+  training a classifier, call once per epoch). augment=False gives the evaluation view (0.875
+  central crop); True gives the light training view (random crop + flip, no colour), seeded by
+  (config.seed, epoch or 0, example id).
+  """
+  process_index, process_count = _process(process_index, process_count)
+  local_batch = _local_batch_size(batch_size, process_count)
+  builder = load_builder(config.dataset, config.data_dir)
+  if 'label' not in builder.info.features:
+    raise ValueError(f"{config.dataset} has no 'label' feature, which evaluation needs; use a "
+                     'labelled dataset or split.')
+  steps = eval_steps(_split_info(builder, split).num_examples, batch_size)
+  shuffle_seed = None if epoch is None else _epoch_seed(config.seed, epoch, process_index)
+  ds = read_split(builder, tfds.split_for_jax_process(split, process_index=process_index,
+                                                      process_count=process_count),
+                  shuffle_seed=shuffle_seed)
+  if shuffle_seed is not None:
+    ds = ds.shuffle(config.shuffle_buffer, seed=shuffle_seed)
+  ds = ds.map(_eval_preprocess_fn(config, builder.info.features, augment=augment,
+                                  epoch=epoch or 0),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  padding = tf.data.Dataset.from_tensors(
+      tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec))
+  ds = ds.concatenate(padding.repeat()).take(steps * local_batch)
+  return _finish(ds.batch(local_batch)).as_numpy_iterator()
+
+
+def read_split(builder, split, *, shuffle_seed=None):
+  """Raw examples: encoded 'image', 'tfds_id' and the other features; shuffled files if seeded."""
+  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, add_tfds_id=True, skip_prefetch=True,
+                                try_autocache=False)
+  return builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None,
+                            decoders={'image': tfds.decode.SkipDecoding()},
+                            read_config=read_config)
+
+
+def pretrain_preprocess_fn(config, features, *, epoch):
+  """Maps a raw example of `read_split` to {'views': [2, H, W, 3], 'label'} for `epoch`.
+
+  With config.augment.on_device, colour distortion and blur are left to the accelerator.
+  """
+  decode = _decoder(features['image'])
+  on_device = config.augment.get('on_device', False)
+  view_kwargs = dict(
+      height=config.image_size, width=config.image_size,
+      color_strength=0 if on_device else config.augment.color_strength,
+      blur_probability=0 if on_device else config.augment.blur_probability,
+      brightness=config.augment.brightness)
+
+  def preprocess(example):
+    image = decode(example['image'])
+    seed = _example_seed(config.seed, epoch, example['tfds_id'])
+    views = [augment_lib.random_view(image, _fold_in(seed, v), **view_kwargs) for v in range(2)]
+    return {'views': tf.stack(views), 'label': _label(example)}
+
+  return preprocess
+
+
+def _eval_preprocess_fn(config, features, *, augment, epoch):
+  decode = _decoder(features['image'])
+  size = dict(height=config.image_size, width=config.image_size)
+
+  def preprocess(example):
+    image = decode(example['image'])
+    if augment:
+      seed = _fold_in(_example_seed(config.seed, epoch, example['tfds_id']), 0)
+      view = augment_lib.random_view(image, seed, color_strength=0, blur_probability=0, **size)
+    else:
+      view = augment_lib.eval_view(image, crop_fraction=EVAL_CROP_FRACTION, **size)
+    return {'image': view, 'label': _label(example), 'mask': tf.constant(True)}
+
+  return preprocess
+
+
+def _epochs(first, epoch_batches, next_epoch):
+  """Numpy batches of `first`, then of epochs next_epoch, next_epoch + 1, ...
+
+  While one epoch is consumed, the next one is built and its first batch computed in a
+  background thread, so epoch boundaries do not stall on the shuffle buffer.
+  """
+  def start(ds):
+    batches = ds.as_numpy_iterator()
+    return itertools.chain([next(batches)], batches)
+
+  pool = futures.ThreadPoolExecutor(1)
+  try:
+    upcoming = pool.submit(start, first)
+    for epoch in itertools.count(next_epoch):
+      current = upcoming.result()
+      upcoming = pool.submit(lambda e=epoch: start(epoch_batches(e, 0)))
+      yield from current
+  finally:  # No join: a generator may be closed by the garbage collector on any thread.
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _finish(ds):
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.private_threadpool_size = _num_cpus()
+  options.threading.max_intra_op_parallelism = 1
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def _num_cpus():
+  if hasattr(os, 'sched_getaffinity'):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count()
+
+
+def _decoder(image_feature):
+  """JPEGs stay encoded (views decode their crop windows); other images are decoded here."""
+  if image_feature.encoding_format == 'jpeg':
+    return lambda encoded: encoded
+  return image_feature.decode_example
+
+
+def _label(example):
+  return tf.cast(example.get('label', -1), tf.int32)
+
+
+def _epoch_seed(seed, epoch, process_index):
+  """File order and shuffle seed of one process's epoch."""
+  return int(np.random.SeedSequence([seed, epoch, process_index]).generate_state(1)[0])
+
+
+def _example_seed(seed, epoch, tfds_id):
+  key = tf.constant([seed, epoch], tf.int64)
+  return _fold_in(key, tf.strings.to_hash_bucket_fast(tfds_id, _ID_BUCKETS))
+
+
+def _fold_in(seed, data):
+  return tf.random.experimental.stateless_fold_in(seed, tf.cast(data, tf.int64))
+
+
+def _builder(dataset, data_dir):
+  try:
+    return tfds.builder(dataset, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(f'Unknown dataset {dataset!r}: not a TFDS dataset, nor prepared in '
+                     f'{data_dir or tfds.core.constants.DATA_DIR}. To build one from local files: '
+                     f'{_prepare_command(dataset, data_dir)}') from None
+
+
+def _prepare_command(dataset, data_dir):
+  """The command that prepares `dataset` offline (or, for other TFDS datasets, with internet)."""
+  if dataset in prepare_data.BUILDERS or dataset not in tfds.list_builders():
+    return prepare_data.command(dataset, data_dir)
+  flag = f' --data_dir={data_dir}' if data_dir else ''
+  return f'tfds build {dataset}{flag} (needs internet; or copy a prepared data_dir here)'
+
+
+def _split_info(builder, split):
+  try:
+    return builder.info.splits[split]
+  except (KeyError, ValueError) as e:
+    raise ValueError(f'{builder.name} has no split {split!r} ({str(e).splitlines()[0]}). '
+                     f'Available splits: {", ".join(builder.info.splits)}; expressions such as '
+                     "'train[:90%]' or 'train+test' work too.") from None
+
+
+def _check_pretrain_resolution(builder, image_size):
+  height, width, _ = builder.info.features['image'].shape
+  if height and width and image_size > max(height, width):
+    raise ValueError(f'config.image_size={image_size} exceeds the {height}x{width} images of '
+                     f'{builder.name}: every view would be upsampled. Use '
+                     f'--config.image_size={max(height, width)} or less.')
+
+
+def _process(process_index, process_count):
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, {process_count}).')
+  return process_index, process_count
+
+
+def _local_batch_size(batch_size, process_count):
+  if batch_size % process_count:
+    raise ValueError(f'Batch size {batch_size} is not divisible by the {process_count} '
+                     f'processes; use a multiple of {process_count}.')
+  return batch_size // process_count

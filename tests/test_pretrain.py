@@ -1,0 +1,113 @@
+"""The pretraining loop: resume, device-count invariance and bad input (tiny model and data)."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_pretrain_config
+from simclr_jax import checkpointing
+from simclr_jax import mesh as mesh_lib
+from simclr_jax import pretrain
+
+
+@pytest.fixture(scope='module', autouse=True)
+def fast_compiles():
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', False)
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def restored_params(workdir, step):
+  checkpointer = checkpointing.Checkpointer(workdir, create=False)
+  model = checkpointer.restore_model(step, None)
+  checkpointer.close()
+  return model['params']
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tiny_data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  pretrain.train_and_evaluate(tiny_pretrain_config(tiny_data_dir), workdir)
+  return workdir
+
+
+def test_writes_metrics_and_checkpoints(uninterrupted):
+  records = read_metrics(uninterrupted)
+  assert [r['step'] for r in records] == [1, 2, 3, 4]
+  for key in ('loss', 'contrastive_acc', 'learning_rate', 'images_per_sec', 'probe_acc'):
+    assert all(np.isfinite(r[key]) for r in records), key
+  # Chance level of NT-Xent with 2N = 32 views is log(31).
+  assert records[0]['chance_loss'] == pytest.approx(np.log(31), rel=1e-5)
+  assert checkpointing.Checkpointer(uninterrupted, create=False).all_steps() == [2, 4]
+
+
+def test_restart_after_crash_resumes_exactly(uninterrupted, tiny_data_dir, tmp_path):
+  # A crash after the step-2 checkpoint: copy the run, drop what came after step 2, rerun.
+  workdir = str(tmp_path / 'crashed')
+  shutil.copytree(uninterrupted, workdir)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
+  os.remove(os.path.join(workdir, 'metrics.jsonl'))
+
+  pretrain.train_and_evaluate(tiny_pretrain_config(tiny_data_dir), workdir)
+
+  resumed, reference = read_metrics(workdir), read_metrics(uninterrupted)
+  assert [r['step'] for r in resumed] == [3, 4]
+  np.testing.assert_allclose([r['loss'] for r in resumed],
+                             [r['loss'] for r in reference[2:]], rtol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, restored_params(workdir, 4),
+               restored_params(uninterrupted, 4))
+
+
+def test_longer_rerun_continues_from_checkpoint(uninterrupted, tiny_data_dir, tmp_path):
+  workdir = str(tmp_path / 'longer')
+  shutil.copytree(uninterrupted, workdir)
+  pretrain.train_and_evaluate(tiny_pretrain_config(tiny_data_dir, num_train_steps=6), workdir)
+  assert [r['step'] for r in read_metrics(workdir)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_one_and_eight_devices_give_the_same_losses(uninterrupted, tiny_data_dir, tmp_path):
+  assert jax.device_count() == 8
+  workdir = str(tmp_path / 'one_device')
+  pretrain.train_and_evaluate(tiny_pretrain_config(tiny_data_dir), workdir,
+                              mesh=mesh_lib.create_mesh(jax.devices()[:1]))
+  one, eight = read_metrics(workdir), read_metrics(uninterrupted)
+  for key in ('loss', 'contrastive_acc', 'probe_loss'):
+    np.testing.assert_allclose([r[key] for r in one], [r[key] for r in eight],
+                               rtol=2e-5, atol=1e-6, err_msg=key)
+
+
+def test_batch_not_divisible_by_devices_fails_before_compiling(tiny_data_dir, tmp_path):
+  with pytest.raises(ValueError, match='not divisible by the 8 devices'):
+    pretrain.train_and_evaluate(tiny_pretrain_config(tiny_data_dir, batch_size=12),
+                                str(tmp_path))
+
+
+def test_checkpoint_of_another_model_is_refused(uninterrupted, tiny_data_dir, tmp_path):
+  workdir = str(tmp_path / 'other')
+  shutil.copytree(uninterrupted, workdir)
+  config = tiny_pretrain_config(tiny_data_dir)
+  config.model.depth = 34
+  with pytest.raises(ValueError, match='different setup.*depth'):
+    pretrain.train_and_evaluate(config, workdir)
+
+
+def test_nan_loss_stops_and_keeps_only_finite_checkpoints(tiny_data_dir, tmp_path):
+  # Warmup over 3 steps: step 1 runs at lr 0 and is checkpointed; then lr ~1e30 blows up.
+  config = tiny_pretrain_config(tiny_data_dir, num_train_steps=6, learning_rate=1e30,
+                                weight_decay=0.0, checkpoint_every_steps=1)
+  with pytest.raises(FloatingPointError, match='not finite|Loss is nan'):
+    pretrain.train_and_evaluate(config, str(tmp_path))
+  steps = checkpointing.Checkpointer(str(tmp_path), create=False).all_steps()
+  assert 1 in steps and max(steps) < 6
+  for step in steps:
+    params = restored_params(str(tmp_path), step)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params)), step
