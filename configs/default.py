@@ -25,6 +25,7 @@ def get_config():
   config.augment.color_strength = 0.5  # s in the paper: 1.0 ImageNet, 0.5 CIFAR.
   config.augment.brightness = 'multiplicative'  # 'multiplicative' (SimCLR v2 code) or 'additive' (v1 paper).
   config.augment.blur_probability = 0.0  # 0.5 for ImageNet-size images, off for 32x32 data.
+  config.augment.on_device = False     # True: colour distortion and blur on device (crop, flip on host).
 
   # Model.
   config.model = ml_collections.ConfigDict()

@@ -15,7 +15,8 @@ from simclr_jax import train_state as train_state_lib
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  """`workdir/checkpoints`, absolute unless it is a URL such as gs://bucket/run."""
+  return os.path.join(workdir if '://' in workdir else os.path.abspath(workdir), 'checkpoints')
 
 
 def abstract_like(tree: Any, sharding) -> Any:

@@ -22,6 +22,7 @@ once per example, after the shuffle and after the examples skipped on resume.
 """
 
 from concurrent import futures
+import functools
 import itertools
 import os
 
@@ -166,6 +167,46 @@ def eval_batches(config, split, *, batch_size, process_index=None, process_count
       tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec))
   ds = ds.concatenate(padding.repeat()).take(steps * local_batch)
   return _finish(ds.batch(local_batch)).as_numpy_iterator()
+
+
+def split_labels(config, split):
+  """tfds_id and label of every example of `split`, in the split's fixed order."""
+  builder = load_builder(config.dataset, config.data_dir)
+  ds = read_split(builder, split).map(lambda ex: (ex['tfds_id'], ex['label']))
+  ids, labels = zip(*ds.batch(8192).as_numpy_iterator())
+  return np.concatenate(ids), np.concatenate(labels)
+
+
+def classifier_batches(config, split, *, batch_size, num_examples, tfds_ids=None):
+  """Endless training batches {'image', 'label'} (random crop + flip) of the labelled examples.
+
+  `tfds_ids`, if given, restricts training to those examples (a labelled fraction of `split`),
+  and `num_examples` is how many examples that leaves. Reshuffled every epoch; full batches only,
+  so BatchNorm in train mode never sees padding. Every process yields
+  steps_per_epoch(num_examples) batches per epoch, repeating its own examples when the labelled
+  subset gives it fewer than its share.
+  """
+  process_index, process_count = _process(None, None)
+  local_batch = _local_batch_size(batch_size, process_count)
+  builder = load_builder(config.dataset, config.data_dir)
+  shard = tfds.split_for_jax_process(split, process_index=process_index,
+                                     process_count=process_count)
+  preprocess = functools.partial(_eval_preprocess_fn, config, builder.info.features, augment=True)
+  examples_per_epoch = steps_per_epoch(num_examples, batch_size) * local_batch
+  labelled = None
+  if tfds_ids is not None:
+    labelled = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tfds_ids, tf.ones(len(tfds_ids), tf.bool)), default_value=False)
+
+  for epoch in itertools.count():
+    seed = _epoch_seed(config.seed, epoch, process_index)
+    ds = read_split(builder, shard, shuffle_seed=seed)
+    if labelled is not None:
+      ds = ds.filter(lambda ex: labelled.lookup(ex['tfds_id']))
+    ds = ds.shuffle(config.shuffle_buffer, seed=seed).repeat().take(examples_per_epoch)
+    ds = ds.map(preprocess(epoch=epoch), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+    yield from _finish(ds.batch(local_batch, drop_remainder=True)).as_numpy_iterator()
 
 
 def read_split(builder, split, *, shuffle_seed=None):

@@ -5,9 +5,14 @@ the topology from the metadata server; elsewhere pass the coordinator explicitly
 """
 
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 from absl import flags, logging
+from jax.experimental import multihost_utils
+
+_T = TypeVar('_T')
 
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0, for GPU clusters or local processes.')
@@ -30,3 +35,20 @@ def initialize_from_flags() -> None:
   logging.info('process %d of %d; %d local / %d global devices (%s)', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
+
+
+def process_0_first(fn: Callable[..., _T], *args, **kwargs) -> _T:
+  """Calls `fn(*args, **kwargs)` on process 0, then on the other processes once it returned.
+
+  For work that must not race on a shared file system, such as preparing a TFDS dataset: several
+  processes building it at once fail on the final rename. With a shared data_dir the other
+  processes then find the work done; on hosts with their own disks each does it once.
+  """
+  if jax.process_count() == 1:
+    return fn(*args, **kwargs)
+  if jax.process_index() == 0:
+    result = fn(*args, **kwargs)
+  multihost_utils.sync_global_devices(f'process_0_first {getattr(fn, "__qualname__", fn)}')
+  if jax.process_index() != 0:
+    result = fn(*args, **kwargs)
+  return result

@@ -5,8 +5,21 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
+
+
+# Metrics reported as the value of the last step of a logging interval, not the mean.
+_LAST_VALUE_METRICS = ('learning_rate',)
+
+
+def summarise(pending: list[dict]) -> dict:
+  """Host-side means of the per-step metrics of a logging interval (one device->host copy)."""
+  stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *pending))
+  return {k: float(v[-1] if k in _LAST_VALUE_METRICS else np.mean(v))
+          for k, v in stacked.items()}
 
 
 def _to_python(value):
@@ -21,8 +34,8 @@ class MetricWriter:
     self._enabled = jax.process_index() == 0
     if not self._enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, filename)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    self.path = epath.Path(workdir) / filename
     import tensorflow as tf  # Only process 0 needs the summary writer.
     self._tf = tf
     self._summary = tf.summary.create_file_writer(os.path.join(workdir, tensorboard_subdir))
@@ -32,7 +45,7 @@ class MetricWriter:
     record = {'step': int(step), **{k: _to_python(v) for k, v in metrics.items()}}
     if not self._enabled:
       return record
-    with open(self.path, 'a') as f:
+    with self.path.open('a') as f:
       f.write(json.dumps(record) + '\n')
     with self._summary.as_default(step=int(step)):
       for key, value in record.items():

@@ -170,15 +170,22 @@ class ProjectionHead(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, hidden_layers: int | None = None):
+    """z = g(x); or, with `hidden_layers` = k, the activation after the first k hidden layers
+    (SimCLR v2 fine-tunes from k = 1)."""
     dense = functools.partial(nn.Dense, use_bias=False, kernel_init=dense_init, dtype=self.dtype,
                               param_dtype=jnp.float32)
     norm = functools.partial(_norm, train, dtype=self.dtype)
     num_hidden = self.num_layers - 1 if self.mode == 'nonlinear' else 0
+    if hidden_layers is not None and not 0 <= hidden_layers <= num_hidden:
+      raise ValueError(f'This projection head has {num_hidden} hidden layers, not '
+                       f'{hidden_layers}.')
     hidden_dim = self.hidden_dim or x.shape[-1]
-    for i in range(num_hidden):
+    for i in range(num_hidden if hidden_layers is None else hidden_layers):
       x = dense(hidden_dim, name=f'dense{i + 1}')(x)
       x = nn.relu(norm(name=f'bn{i + 1}')(x))
+    if hidden_layers is not None:
+      return x.astype(jnp.float32)
     x = dense(self.proj_dim, name='dense_out')(x)
     x = norm(name='bn_out', use_bias=False)(x)
     return x.astype(jnp.float32)
@@ -199,9 +206,11 @@ class SimCLRModel(nn.Module):
       outputs['probe_logits'] = probe(jax.lax.stop_gradient(h))
     return outputs
 
-  def encode(self, x, train: bool = False):
-    """The representation h only (for evaluation: `apply(..., method=SimCLRModel.encode)`)."""
-    return self.encoder(x, train=train)
+  def encode(self, x, train: bool = False, proj_layers: int = 0):
+    """The representation h (for evaluation: `apply(..., method=SimCLRModel.encode)`), or with
+    `proj_layers` = k > 0 the output of the projection head's first k hidden layers."""
+    h = self.encoder(x, train=train)
+    return self.head(h, train=train, hidden_layers=proj_layers) if proj_layers else h
 
 
 def create_model(model_config, num_classes: int = 0) -> SimCLRModel:

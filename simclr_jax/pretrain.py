@@ -1,8 +1,6 @@
 """SimCLR pretraining: the jitted train step and the loop around it."""
 
 import functools
-import json
-import os
 import signal
 
 import jax
@@ -11,7 +9,9 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 
+from simclr_jax import augment_device
 from simclr_jax import checkpointing
 from simclr_jax import data
 from simclr_jax import losses
@@ -20,10 +20,6 @@ from simclr_jax import metrics_writer
 from simclr_jax import models
 from simclr_jax import optim
 from simclr_jax import train_state as train_state_lib
-
-# Metrics reported as the value of the last step of a logging interval, not the mean.
-_LAST_VALUE_METRICS = ('learning_rate',)
-
 
 def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   if config.num_train_steps > 0:
@@ -59,9 +55,15 @@ def probe_loss_and_metrics(logits: jax.Array, labels: jax.Array) -> tuple[jax.Ar
 
 
 def train_step(state: train_state_lib.TrainState, batch: dict, *, model, tx, schedule,
-               temperature: float, similarity: str):
-  """One SimCLR update on a global batch {'views': [B, 2, H, W, 3], 'label': [B]}."""
+               temperature: float, similarity: str, augment_views=None):
+  """One SimCLR update on a global batch {'views': [B, 2, H, W, 3], 'label': [B]}.
+
+  `augment_views(views, key)`, if given, augments the views on device with a key of this step.
+  """
   views = batch['views']
+  if augment_views is not None:
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    views = augment_views(views, key)
   num_images = views.shape[0]
   # Interleaved views (rows 2i, 2i+1 = image i): one encoder pass, BatchNorm over both views.
   images = views.reshape((2 * num_images,) + views.shape[2:])
@@ -91,13 +93,6 @@ def train_step(state: train_state_lib.TrainState, batch: dict, *, model, tx, sch
 @jax.jit
 def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
-
-
-def _summarise(pending: list[dict]) -> dict:
-  """Host-side means of the metrics of a logging interval (one device->host transfer)."""
-  stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *pending))
-  return {k: float(v[-1] if k in _LAST_VALUE_METRICS else np.mean(v))
-          for k, v in stacked.items()}
 
 
 def _check_compatible(checkpointer: checkpointing.Checkpointer, step: int, meta: dict,
@@ -155,9 +150,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if latest is not None:
     _check_compatible(checkpointer, latest, meta, workdir)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
 
   replicated = mesh_lib.replicated(mesh)
   create_state = functools.partial(train_state_lib.create_train_state, model, tx,
@@ -172,9 +166,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logging.info('Resumed from %s at step %d.', checkpointing.checkpoint_dir(workdir), latest)
     start_step = int(jax.device_get(state.step))
 
+    augment_views = None
+    if config.augment.get('on_device', False):
+      augment_views = functools.partial(
+          augment_device.augment_views, color_strength=config.augment.color_strength,
+          blur_probability=config.augment.blur_probability, brightness=config.augment.brightness)
     step_fn = jax.jit(
         functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                          temperature=config.temperature, similarity=config.similarity),
+                          temperature=config.temperature, similarity=config.similarity,
+                          augment_views=augment_views),
         in_shardings=(replicated, mesh_lib.batch_sharded(mesh)),
         out_shardings=(replicated, replicated), donate_argnums=(0,))
     batches = mesh_lib.prefetch_to_device(
@@ -192,7 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         is_last = step == total_steps
         stopping = stop.requested or checkpointer.reached_preemption(step)
         if step % config.log_every_steps == 0 or is_last or stopping:
-          record = _summarise(pending)
+          record = metrics_writer.summarise(pending)
           pending = []
           if not np.isfinite(record['loss']):
             raise FloatingPointError(

@@ -1,0 +1,83 @@
+r"""Evaluates a pretraining run's encoder; --config.protocol picks the protocol.
+
+    python run_eval.py --workdir=runs/default                                  # linear probe
+    python run_eval.py --workdir=runs/default --config.protocol=linear_features
+    python run_eval.py --workdir=runs/default --config.protocol=knn
+    python run_eval.py --workdir=runs/default --config.protocol=finetune \
+        --config.finetune.label_fraction=0.1
+    python run_eval.py --workdir=runs/default --config.protocol=knn --config.random_init=True
+    python run_eval.py --workdir=runs/default --config.protocol=knn --config.features=pixels
+
+Protocols:
+  linear           frozen encoder (BatchNorm in inference mode), zero-initialised linear layer on h,
+                   Nesterov momentum 0.9, lr 0.1 x B/256, cosine, no warmup, crop + flip.
+  linear_features  features extracted once (no augmentation), multinomial logistic regression
+                   (L-BFGS), L2 strength chosen on a held-out part of train, then refit on all.
+  knn              weighted k-NN (k=200, T=0.1) on l2-normalised features of the train split.
+  finetune         the whole encoder on a class-balanced label fraction of train, BN in train mode.
+Switches: random_init=True evaluates an untrained encoder of the same architecture (seeded by
+`seed`); features='pixels' (linear_features, knn) uses the raw pixels instead of an encoder.
+Data settings left as None come from the pretraining run; a different `dataset` is a transfer
+evaluation. Results go to WORKDIR/eval/<protocol>[_random_init|_pixels].json.
+
+Published recipes (epochs are small here so that the default runs on a CPU):
+  CIFAR-10 linear:  --config.batch_size=512 --config.linear.num_epochs=100
+  ImageNet linear:  --config.batch_size=4096 --config.linear.num_epochs=90 \
+                    --config.linear.weight_decay=1e-6
+  ImageNet 1% fine-tuning, v1 paper (10%: label_fraction=0.1, 30 epochs):
+                    --config.batch_size=4096 --config.finetune.label_fraction=0.01 \
+                    --config.finetune.num_epochs=60
+  SimCLR v2 adds:   --config.batch_size=1024 --config.finetune.proj_layers=1 \
+                    --config.finetune.optimizer=lars --config.finetune.learning_rate=0.005 \
+                    --config.finetune.learning_rate_scaling=sqrt
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.protocol = 'linear'       # 'linear', 'linear_features', 'knn' or 'finetune'.
+  config.random_init = False       # Evaluate an untrained encoder instead of the checkpoint.
+  config.features = 'encoder'      # 'encoder' or 'pixels' (linear_features and knn only).
+
+  # Data; None: as in the pretraining run.
+  config.dataset = config_dict.placeholder(str)
+  config.data_dir = config_dict.placeholder(str)
+  config.image_size = config_dict.placeholder(int)
+  config.train_split = 'train'     # Must be labelled ('train', not 'train+unlabelled').
+  config.eval_split = config_dict.placeholder(str)  # None: the pretraining eval_split.
+
+  config.batch_size = 256          # Global: training batch and feature-extraction batch.
+  config.seed = 0
+  config.log_every_steps = 50
+  config.prefetch_batches = 2
+
+  # linear and finetune train a classifier with the same fields.
+  config.linear = ml_collections.ConfigDict()
+  config.linear.label_fraction = 1.0   # Class-balanced fraction of train_split with labels.
+  config.linear.num_epochs = 2         # 100 (CIFAR) / 90 (ImageNet) in the published recipe.
+  config.linear.optimizer = 'momentum'  # 'momentum' (Nesterov 0.9) or 'lars'.
+  config.linear.learning_rate = 0.1    # x batch_size / 256 ('linear') or x sqrt(batch_size).
+  config.linear.learning_rate_scaling = 'linear'
+  config.linear.weight_decay = 0.0
+
+  config.linear_features = ml_collections.ConfigDict()
+  config.linear_features.holdout_fraction = 0.1
+  config.linear_features.l2_grid = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+  config.linear_features.max_steps = 200  # L-BFGS iterations per fit (at most).
+
+  config.knn = ml_collections.ConfigDict()
+  config.knn.k = 200
+  config.knn.temperature = 0.1
+
+  config.finetune = ml_collections.ConfigDict()
+  config.finetune.label_fraction = 0.1
+  config.finetune.num_epochs = 2        # 60 (1%) / 30 (10%) in the paper.
+  config.finetune.optimizer = 'momentum'  # v1 paper; SimCLR v2 used 'lars'.
+  config.finetune.learning_rate = 0.05  # v1 paper: 0.05 x B/256; v2: 0.005 x sqrt(B) with LARS.
+  config.finetune.learning_rate_scaling = 'linear'
+  config.finetune.weight_decay = 0.0
+  config.finetune.proj_layers = 0       # Projection layers kept under the classifier (v2: 1).
+  return config

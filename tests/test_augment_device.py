@@ -1,0 +1,193 @@
+"""Tests of the on-device colour distortion and blur (simclr_jax/augment_device.py), against TF."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import tiny_pretrain_config
+from simclr_jax import augment
+from simclr_jax import augment_device
+from simclr_jax import mesh as mesh_lib
+from simclr_jax import pretrain
+
+NUM_DRAWS = 400
+TF_BRIGHTNESS = {'multiplicative': lambda x, factor: x * factor,  # As augment.py.
+                 'additive': tf.image.adjust_brightness}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def fast_compiles():
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', False)
+
+
+def _image(height=20, width=24, seed=0):
+  """float32 RGB in [0, 1] with a gray, a black, a pure red and a two-equal-channels pixel."""
+  image = np.random.RandomState(seed).rand(height, width, 3).astype(np.float32)
+  image[0, :4] = [[0.5, 0.5, 0.5], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.3, 0.3, 0.1]]
+  return image
+
+
+def _keys(num, seed=0):
+  return jax.random.split(jax.random.key(seed), num)
+
+
+def _draws(fn, image):
+  """jit(vmap(fn))(image, key) for NUM_DRAWS keys, as numpy."""
+  return np.asarray(jax.jit(jax.vmap(fn, (None, 0)))(image, _keys(NUM_DRAWS)))
+
+
+def test_hsv_conversions_match_tf():
+  image = _image()
+  np.testing.assert_allclose(augment_device.rgb_to_hsv(image), tf.image.rgb_to_hsv(image),
+                             atol=1e-6)
+  np.testing.assert_allclose(augment_device.hsv_to_rgb(image), tf.image.hsv_to_rgb(image),
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize('op,tf_op,params', [
+    (augment_device.adjust_contrast, tf.image.adjust_contrast, (0.2, 1.8)),
+    (augment_device.adjust_saturation, tf.image.adjust_saturation, (0.2, 1.8)),
+    (augment_device.adjust_hue, tf.image.adjust_hue, (-0.2, 0.03, 0.2)),
+])
+def test_jitter_ops_match_tf(op, tf_op, params):
+  image = _image()
+  for param in params:
+    np.testing.assert_allclose(op(image, param), tf_op(image, param), atol=2e-6)
+
+
+def test_grayscale_matches_tf():
+  image = _image()
+  np.testing.assert_allclose(augment_device.to_grayscale(image), augment.to_grayscale(image),
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize('sigma,radius', [(0.1, 1), (0.8, 2), (2.0, 3)])
+def test_gaussian_blur_matches_tf(sigma, radius):
+  image = _image()
+  np.testing.assert_allclose(augment_device.gaussian_blur(image, sigma, radius=radius),
+                             augment.gaussian_blur(image, sigma, radius=radius), atol=1e-6)
+
+
+@pytest.mark.parametrize('brightness', ['multiplicative', 'additive'])
+def test_jitter_applies_ops_in_order_clipping_after_each(brightness):
+  image = _image()
+  params = np.array([1.7 if brightness == 'multiplicative' else 0.3, 1.8, 0.3, 0.15], np.float32)
+  tf_ops = [TF_BRIGHTNESS[brightness], tf.image.adjust_contrast, tf.image.adjust_saturation,
+            tf.image.adjust_hue]
+  outputs = []
+  for order in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
+    expected = tf.constant(image)
+    for op in order:
+      expected = tf.clip_by_value(tf_ops[op](expected, params[op]), 0.0, 1.0)
+    actual = augment_device.apply_jitter(image, order, params, brightness=brightness)
+    np.testing.assert_allclose(actual, expected, atol=2e-6, err_msg=str(order))
+    outputs.append(actual)
+  assert not np.allclose(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize('brightness,strength,brightness_range', [
+    ('multiplicative', 0.5, (0.6, 1.4)),
+    ('multiplicative', 1.5, (0.0, 2.2)),  # The factor never goes negative.
+    ('additive', 0.5, (-0.4, 0.4)),
+])
+def test_sample_jitter_orders_and_ranges(brightness, strength, brightness_range):
+  sample = jax.vmap(lambda key: augment_device.sample_jitter(key, strength=strength,
+                                                             brightness=brightness))
+  orders, params = jax.device_get(sample(_keys(NUM_DRAWS)))
+  np.testing.assert_array_equal(np.sort(orders, axis=1), np.tile(np.arange(4), (NUM_DRAWS, 1)))
+  assert len({tuple(order) for order in orders}) == 24  # All permutations occur.
+  d = 0.8 * strength
+  ranges = [brightness_range, (1 - d, 1 + d), (1 - d, 1 + d), (-0.2 * strength, 0.2 * strength)]
+  for column, (low, high) in zip(params.T, ranges):
+    assert low <= column.min() < low + 0.05 * (high - low)
+    assert high - 0.05 * (high - low) < column.max() <= high
+
+
+def test_color_distortion_frequencies():
+  image = _image()
+  out = _draws(lambda x, key: augment_device.color_distortion(x, key, strength=0.5), image)
+  gray = np.all(out == out[..., :1], axis=(1, 2, 3))
+  # Without jitter the output is the input, or exactly its grayscale.
+  unjittered = np.where(gray[:, None, None, None], augment_device.to_grayscale(image), image)
+  jittered = np.any(out != unjittered, axis=(1, 2, 3))
+  assert abs(gray.mean() - augment.GRAYSCALE_PROBABILITY) < 0.06
+  assert abs(jittered.mean() - augment.JITTER_PROBABILITY) < 0.06
+  assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_blur_frequency_radius_and_sigma_range():
+  impulse = np.zeros((40, 40, 3), np.float32)  # Radius 40 // 10 // 2 = 2.
+  impulse[20, 20] = 1.0
+  out = _draws(lambda x, key: augment_device.random_blur(x, key, probability=0.3), impulse)
+  blurred = np.any(out != impulse, axis=(1, 2, 3))  # Even sigma 0.1 leaks ~1e-22 into neighbours.
+  assert abs(blurred.mean() - 0.3) < 0.06
+  support = np.any(out[blurred] > 0, axis=(0, 3))
+  assert support.sum(0).max() == support.sum(1).max() == 5
+  centres = out[blurred, 20, 20, 0]
+  sharpest = np.asarray(augment_device.gaussian_blur(impulse, 0.1, radius=2))[20, 20, 0]
+  widest = np.asarray(augment_device.gaussian_blur(impulse, 2.0, radius=2))[20, 20, 0]
+  assert widest <= centres.min() and centres.max() <= sharpest
+  assert len(np.unique(centres)) > 0.9 * len(centres)  # One sigma per image.
+
+
+def _augment(views, key, **kwargs):
+  kwargs = dict(dict(color_strength=1.0, blur_probability=0.5), **kwargs)
+  return augment_device.augment_views(views, key, **kwargs)
+
+
+def test_augment_views_is_deterministic_in_range_and_views_differ():
+  image = _image(height=32, width=32)
+  views = np.broadcast_to(image, (4, 2) + image.shape)  # Both views of every image alike.
+  fn = jax.jit(_augment)
+  out = np.asarray(fn(views, jax.random.key(0)))
+  assert out.shape == views.shape and out.dtype == np.float32
+  assert 0.0 <= out.min() and out.max() <= 1.0
+  np.testing.assert_array_equal(out, fn(views, jax.random.key(0)))
+  assert not np.allclose(out, fn(views, jax.random.key(1)))
+  for i in range(4):
+    assert not np.allclose(out[i, 0], out[i, 1])
+  assert not np.allclose(out[0], out[1])
+  np.testing.assert_array_equal(
+      _augment(views, jax.random.key(0), color_strength=0, blur_probability=0), views)
+
+
+def test_sharded_augment_views_match_one_device():
+  views = np.random.RandomState(0).rand(8, 2, 20, 20, 3).astype(np.float32)
+  key = jax.random.key(3)
+  expected = jax.jit(_augment)(views, key)
+  mesh = mesh_lib.create_mesh(jax.devices()[:4])
+  sharding = mesh_lib.batch_sharded(mesh)
+  with jax.set_mesh(mesh):
+    actual = jax.jit(_augment)(jax.device_put(views, sharding), key)
+  assert actual.sharding.is_equivalent_to(sharding, actual.ndim)
+  np.testing.assert_allclose(actual, expected, atol=1e-6)
+
+
+def test_pretraining_with_on_device_augmentation(tiny_data_dir, tmp_path, monkeypatch):
+  calls, step_keys = [], []
+  augment_views = augment_device.augment_views
+
+  def spy(views, key, **kwargs):
+    calls.append((views.shape, kwargs))
+    jax.debug.callback(step_keys.append, jax.random.key_data(key))
+    return augment_views(views, key, **kwargs)
+
+  monkeypatch.setattr(augment_device, 'augment_views', spy)
+  config = tiny_pretrain_config(tiny_data_dir, num_train_steps=2)
+  config.augment.on_device = True
+  config.augment.blur_probability = 0.5
+  pretrain.train_and_evaluate(config, str(tmp_path))
+
+  assert calls == [((16, 2, 16, 16, 3), dict(color_strength=0.5, blur_probability=0.5,
+                                             brightness='multiplicative'))]
+  assert len(step_keys) == 2 and not np.array_equal(*step_keys)  # A fresh key every step.
+  with open(os.path.join(tmp_path, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  assert [r['step'] for r in records] == [1, 2]
+  assert all(np.isfinite(r['loss']) for r in records)
