@@ -95,6 +95,23 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
+def make_train_step(config: ml_collections.ConfigDict, model, tx, schedule,
+                    mesh: jax.sharding.Mesh):
+  """`train_step` jitted on `mesh`: replicated state (donated), batch sharded over `data`."""
+  augment_views = None
+  if config.augment.get('on_device', False):
+    augment_views = functools.partial(
+        augment_device.augment_views, color_strength=config.augment.color_strength,
+        blur_probability=config.augment.blur_probability, brightness=config.augment.brightness)
+  replicated = mesh_lib.replicated(mesh)
+  return jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                        temperature=config.temperature, similarity=config.similarity,
+                        augment_views=augment_views),
+      in_shardings=(replicated, mesh_lib.batch_sharded(mesh)),
+      out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
 def _check_compatible(checkpointer: checkpointing.Checkpointer, step: int, meta: dict,
                       workdir: str) -> None:
   saved = checkpointer.restore_meta(step)
@@ -166,17 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logging.info('Resumed from %s at step %d.', checkpointing.checkpoint_dir(workdir), latest)
     start_step = int(jax.device_get(state.step))
 
-    augment_views = None
-    if config.augment.get('on_device', False):
-      augment_views = functools.partial(
-          augment_device.augment_views, color_strength=config.augment.color_strength,
-          blur_probability=config.augment.blur_probability, brightness=config.augment.brightness)
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                          temperature=config.temperature, similarity=config.similarity,
-                          augment_views=augment_views),
-        in_shardings=(replicated, mesh_lib.batch_sharded(mesh)),
-        out_shardings=(replicated, replicated), donate_argnums=(0,))
+    step_fn = make_train_step(config, model, tx, schedule, mesh)
     batches = mesh_lib.prefetch_to_device(
         data.pretrain_batches(config, start_step=start_step), mesh, config.prefetch_batches)
     writer = metrics_writer.MetricWriter(workdir)
