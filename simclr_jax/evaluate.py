@@ -482,7 +482,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, step: int | None,
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
   """Runs config.protocol on the checkpoint of `step` (default: latest) of the run in `workdir`."""
-  start = time.perf_counter()
+  start, requested_step = time.perf_counter(), step
   mesh = mesh_lib.create_mesh()
   run_config, task, checkpoint = setup(config, workdir, step, mesh)
   image_size = task.data_config.image_size
@@ -495,7 +495,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     encoder = restore_encoder(checkpointer, step, meta, mesh)
     checkpointer.close()
 
-  name, eval_dir = result_name(config), os.path.join(workdir, 'eval')
+  # An explicit --step keeps its own file, so it never overwrites the latest checkpoint's result.
+  name = result_name(config) + ('' if requested_step is None else f'_step{requested_step}')
+  eval_dir = os.path.join(workdir, 'eval')
   with jax.set_mesh(mesh):
     if config.protocol in _TRAINED_PROTOCOLS:
       metrics = run_classifier(config, task, encoder, mesh, os.path.join(eval_dir, name))

@@ -12,6 +12,7 @@ of the first images of config.train_split: exactly what the encoder is fed.
 
 import json
 import os
+import re
 
 from absl import app, flags
 import numpy as np
@@ -79,14 +80,15 @@ def plot_curves(workdir: str, path: str) -> None:
   for r in read_jsonl(os.path.join(workdir, 'eval', 'results.jsonl')):
     for key, value in r.items():
       if key.endswith('/top1'):
-        evals.setdefault(key[:-len('/top1')], {})[r['step'] * epochs_per_step] = value
+        name = re.sub(r'_step\d+$', '', key[:-len('/top1')])  # Evaluations of one protocol.
+        evals.setdefault(name, {})[r['step'] * epochs_per_step] = value
   for name, points in sorted(evals.items()):
     xs = sorted(points)
     acc_ax.plot(xs, [points[x] for x in xs], 'o-', label=f'{name} top-1 (test)')
   acc_ax.set(xlabel='epoch', ylim=(0, 1), title='accuracy')
   for ax in (loss_ax, acc_ax):
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7, loc='lower right')
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
