@@ -5,6 +5,7 @@ the topology from the metadata server; elsewhere pass the coordinator explicitly
 """
 
 import os
+import sys
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -32,9 +33,33 @@ def initialize_from_flags() -> None:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _MULTIHOST.value or os.environ.get('SIMCLR_MULTIHOST') == '1':
     jax.distributed.initialize()
+  if jax.process_count() > 1:
+    exit_at_once_on_uncaught_exception()
   logging.info('process %d of %d; %d local / %d global devices (%s)', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
+
+
+def exit_at_once_on_uncaught_exception() -> None:
+  """Makes an uncaught exception end this process right after its traceback is printed.
+
+  In a multi-process run a normal exit waits at JAX's shutdown barrier for every other process,
+  up to 5 minutes, and the others are stuck in a collective that waits for this one: the whole
+  run would hang for 5 minutes before failing. Exiting at once lets a launcher see the failure
+  (and the others abort when the distributed runtime misses this process's heartbeats).
+  """
+  previous_hook = sys.excepthook
+
+  def hook(exc_type, exc, traceback):
+    previous_hook(exc_type, exc, traceback)
+    logging.error('Process %d failed (%s); exiting without waiting for the other processes.',
+                  jax.process_index(), exc_type.__name__)
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access
+
+  sys.excepthook = hook
 
 
 def process_0_first(fn: Callable[..., _T], *args, **kwargs) -> _T:
