@@ -19,7 +19,7 @@ def get_config():
   config.dataset = 'fashion_mnist'     # Any TFDS image dataset name.
   config.train_split = 'train'         # Split expressions work: 'train+unlabelled', 'train[:90%]'.
   config.eval_split = 'test'
-  config.data_dir = None               # TFDS data_dir; a gs:// bucket on TPU VMs.
+  config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir; gs:// on TPU VMs.
   config.image_size = 28               # Height = width of the views fed to the encoder.
   config.shuffle_buffer = 10_000       # Examples per process.
   config.augment = ml_collections.ConfigDict()

@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from simclr_jax import checkpointing
 from simclr_jax import data
+from simclr_jax import distributed
 from simclr_jax import knn
 from simclr_jax import logistic_regression
 from simclr_jax import mesh as mesh_lib
@@ -441,7 +442,7 @@ def prepare_task(config, run_config, image_size: int) -> Task:
   data_config.image_size = image_size
   data_config.seed = config.seed
   dataset = data_config.dataset
-  data.ensure_prepared(dataset, data_config.data_dir)
+  distributed.process_0_first(data.ensure_prepared, dataset, data_config.data_dir)
   num_classes = data.num_classes(dataset, data_config.data_dir)
   if not num_classes:
     raise SetupError(f'{dataset} has no labels; the {config.protocol} protocol needs a labelled '

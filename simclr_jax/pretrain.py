@@ -14,6 +14,7 @@ from etils import epath
 from simclr_jax import augment_device
 from simclr_jax import checkpointing
 from simclr_jax import data
+from simclr_jax import distributed
 from simclr_jax import losses
 from simclr_jax import mesh as mesh_lib
 from simclr_jax import metrics_writer
@@ -131,14 +132,26 @@ class _StopRequest:
     self._previous = {}
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
+    if jax.process_count() > 1:
+      # JAX's preemption service owns SIGTERM: it makes `reached_preemption` true on every
+      # process at the same step. Replacing its handler would stop only the signalled process.
+      handlers = {signal.SIGINT: self._forward_to_preemption_service}
+    else:
+      handlers = {signal.SIGTERM: self._handle, signal.SIGINT: self._handle}
+    for sig, handler in handlers.items():
+      self._previous[sig] = signal.signal(sig, handler)
     return self
 
   def _handle(self, signum, frame):
     del frame
     logging.warning('Received signal %d: checkpointing and stopping.', signum)
     self.requested = True
+
+  def _forward_to_preemption_service(self, signum, frame):
+    del frame
+    logging.warning('Received signal %d: all processes will checkpoint and stop at the same '
+                    'step.', signum)
+    signal.raise_signal(signal.SIGTERM)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -153,7 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   mesh = mesh or mesh_lib.create_mesh()
   mesh_lib.check_global_batch_size(config.batch_size, mesh)
-  data.ensure_prepared(config.dataset, config.data_dir)
+  distributed.process_0_first(data.ensure_prepared, config.dataset, config.data_dir)
   num_examples = data.num_examples(config.dataset, config.train_split, config.data_dir)
   steps_per_epoch = data.steps_per_epoch(num_examples, config.batch_size)
   total_steps = total_train_steps(config, steps_per_epoch)
