@@ -170,7 +170,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   num_examples = data.num_examples(config.dataset, config.train_split, config.data_dir)
   steps_per_epoch = data.steps_per_epoch(num_examples, config.batch_size)
   total_steps = total_train_steps(config, steps_per_epoch)
-  num_classes = data.num_classes(config.dataset, config.data_dir) if config.online_probe else 0
+  # The online probe needs labels; unlabelled datasets (num_classes None) train without it.
+  num_classes = 0
+  if config.online_probe:
+    num_classes = data.num_classes(config.dataset, config.data_dir) or 0
 
   model = models.create_model(config.model, num_classes=num_classes)
   tx, schedule = create_optimizer(config, steps_per_epoch, total_steps)

@@ -19,11 +19,7 @@ TF_BRIGHTNESS = {'multiplicative': lambda x, factor: x * factor,  # As augment.p
                  'additive': tf.image.adjust_brightness}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def fast_compiles():
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', False)
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def _image(height=20, width=24, seed=0):

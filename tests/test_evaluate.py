@@ -27,11 +27,7 @@ from simclr_jax import train_state as train_state_lib
 STEP = 3
 
 
-@pytest.fixture(scope='module', autouse=True)
-def fast_compiles():
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', False)
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 @pytest.fixture(scope='module')

@@ -10,12 +10,7 @@ from configs import default
 from simclr_jax import models
 
 
-@pytest.fixture(autouse=True, scope='module')
-def fast_compilation():
-  previous = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', previous)
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def _init(module, x, **kwargs):

@@ -269,8 +269,14 @@ def _start_workers(tmp_path, mode, *args):
        '--logdir', str(tmp_path / 'logs'), os.path.join(REPO, 'tests', 'multiprocess_worker.py'),
        f'--mode={mode}', f'--out={out}', *args],
       env=dict(os.environ, PYTHON=sys.executable), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True)
+      stderr=subprocess.STDOUT, text=True, preexec_fn=_default_sigint)
   return launcher, out
+
+
+def _default_sigint():
+  # A test run started in the background inherits an ignored SIGINT, which bash cannot trap;
+  # the launcher is meant to run in a terminal, where Ctrl-C is delivered.
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _records(out, wait_for=2, key=None, timeout=60):

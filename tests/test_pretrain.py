@@ -14,11 +14,7 @@ from simclr_jax import mesh as mesh_lib
 from simclr_jax import pretrain
 
 
-@pytest.fixture(scope='module', autouse=True)
-def fast_compiles():
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', False)
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def read_metrics(workdir):

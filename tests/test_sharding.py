@@ -11,12 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from simclr_jax import losses, models
 
 
-@pytest.fixture(autouse=True, scope='module')
-def fast_compilation():
-  previous = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', previous)
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def _mesh(num_devices):
