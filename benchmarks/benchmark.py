@@ -395,10 +395,7 @@ def bench_e2e(config, mesh, compiled, state, num_steps):
   import jax  # pylint: disable=g-import-not-at-top
   from simclr_jax import data  # pylint: disable=g-import-not-at-top
   from simclr_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from simclr_jax import pretrain  # pylint: disable=g-import-not-at-top
   from simclr_jax import metrics_writer  # pylint: disable=g-import-not-at-top
-  # The loop's one device->host copy per logging interval.
-  summarise = getattr(metrics_writer, 'summarise', None) or jax.device_get
   batches = mesh_lib.prefetch_to_device(data.pretrain_batches(config), mesh,
                                         config.prefetch_batches)
   start = time.perf_counter()
@@ -412,7 +409,7 @@ def bench_e2e(config, mesh, compiled, state, num_steps):
     state, metrics = compiled(state, next(batches))
     pending.append(metrics)
     if step % config.log_every_steps == 0 or step == num_steps:
-      summarise(pending)
+      metrics_writer.summarise(pending)
       pending = []
   jax.block_until_ready(state)
   seconds = time.perf_counter() - start
