@@ -21,20 +21,21 @@ TINY_IMAGE_SIZE = 16
 TINY_NUM_CLASSES = 4
 
 
-def store_tiny_dataset(data_dir, num_train=96, num_test=32, seed=0):
-  """A labelled 16x16 RGB TFDS dataset of random images, written to `data_dir`."""
+def store_tiny_dataset(data_dir, num_train=96, num_test=32, seed=0, name=TINY_DATASET,
+                       labelled=True):
+  """A 16x16 RGB TFDS dataset of random images (labelled or not), written to `data_dir`."""
   import tensorflow_datasets as tfds
   rng = np.random.RandomState(seed)
+  features = {'image': tfds.features.Image(shape=(TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3))}
+  if labelled:
+    features['label'] = tfds.features.ClassLabel(num_classes=TINY_NUM_CLASSES)
 
   def examples(n):
     return [(i, {'image': rng.randint(0, 256, (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3), np.uint8),
-                 'label': i % TINY_NUM_CLASSES}) for i in range(n)]
+                 **({'label': i % TINY_NUM_CLASSES} if labelled else {})}) for i in range(n)]
 
   tfds.dataset_builders.store_as_tfds_dataset(
-      name=TINY_DATASET, version='1.0.0',
-      features=tfds.features.FeaturesDict({
-          'image': tfds.features.Image(shape=(TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3)),
-          'label': tfds.features.ClassLabel(num_classes=TINY_NUM_CLASSES)}),
+      name=name, version='1.0.0', features=tfds.features.FeaturesDict(features),
       split_datasets={'train': examples(num_train), 'test': examples(num_test)},
       data_dir=data_dir)
   return data_dir

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_pretrain_config
+from conftest import store_tiny_dataset, tiny_pretrain_config
 from simclr_jax import checkpointing
 from simclr_jax import mesh as mesh_lib
 from simclr_jax import pretrain
@@ -79,6 +79,13 @@ def test_one_and_eight_devices_give_the_same_losses(uninterrupted, tiny_data_dir
   for key in ('loss', 'contrastive_acc', 'probe_loss'):
     np.testing.assert_allclose([r[key] for r in one], [r[key] for r in eight],
                                rtol=2e-5, atol=1e-6, err_msg=key)
+
+
+def test_unlabelled_dataset_trains_without_the_probe(tmp_path):
+  data_dir = store_tiny_dataset(str(tmp_path / 'tfds'), name='tiny_unlabelled', labelled=False)
+  config = tiny_pretrain_config(data_dir, dataset='tiny_unlabelled', num_train_steps=2)
+  record = pretrain.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert np.isfinite(record['loss']) and 'probe_acc' not in record
 
 
 def test_batch_not_divisible_by_devices_fails_before_compiling(tiny_data_dir, tmp_path):
