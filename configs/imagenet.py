@@ -36,5 +36,4 @@ def get_config():
   config.weight_decay = 1e-4
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
-  config.prefetch_batches = 2
   return config
