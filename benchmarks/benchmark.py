@@ -15,6 +15,8 @@ Measures, for the config's model, batch and image size:
   host     the tf.data pretraining pipeline alone (`data.pretrain_batches`), images/s.
   e2e      the training loop: `data.pretrain_batches` -> `mesh.prefetch_to_device` -> the same
            compiled step, metrics fetched every log_every_steps; names the bottleneck.
+  profile  with --trace_dir, a jax.profiler trace of a few steps and the op kinds taking the most
+           time per step (on CPUs the flag --xla_cpu_enable_xprof_traceme is set for it).
   peer     benchmarks/torch_peer.py in its own venv (benchmarks/setup_peer.sh), the same SimCLR
            step in PyTorch on the same batch and model; parameter counts of both are compared.
 When the config's dataset is not prepared here (e.g. cifar10 offline), host and e2e use the
@@ -23,8 +25,11 @@ the config's augmentation and batch size.
 Prints a table and one JSON object (also written to --out). See benchmarks/README.md.
 """
 
+import collections
 import contextlib
 import functools
+import glob
+import gzip
 import json
 import os
 import platform
@@ -68,6 +73,10 @@ _CORES = flags.DEFINE_integer('cores', None, 'Pin this process and the peer to i
 _ROUNDS = flags.DEFINE_integer('rounds', 1, 'Rounds of (JAX --steps, peer --steps), alternated '
                                'so both see the same load; ratio = median over rounds.')
 _OUT = flags.DEFINE_string('out', None, 'Write the JSON results here.')
+_TRACE_DIR = flags.DEFINE_string('trace_dir', None, 'Also profile --trace_steps device steps into '
+                                 'this directory (TensorBoard / Perfetto) and print the ops that '
+                                 'take the most time.')
+_TRACE_STEPS = flags.DEFINE_integer('trace_steps', 2, 'Steps in the --trace_dir profile.')
 
 # Dense peak FLOP/s of one JAX device, from vendor spec sheets: (substring of device_kind, name,
 # {dtype: peak}). fp32 on GPUs is the TF32 tensor-core peak (XLA and cuDNN run fp32 convolutions
@@ -353,6 +362,12 @@ def bench_device(config, mesh, num_classes, notes):
       self.windows += windows
       return windows
 
+    def trace(self, num_steps, trace_dir):
+      with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(num_steps):
+          self.state, self.metrics = compiled(self.state, batch)
+        jax.block_until_ready((self.state, self.metrics))
+
     def summary(self):
       step_s = _median(self.windows)
       achieved = step_flops / step_s
@@ -372,6 +387,27 @@ def bench_device(config, mesh, num_classes, notes):
       }
 
   return result, compiled, Runner()
+
+
+def trace_op_times(trace_dir, num_steps, top=15):
+  """[(op kind, ms per step, calls per step)] from the newest Perfetto trace in trace_dir.
+
+  An op kind is an XLA op's name without its numeric suffix (`ynn_fusion.92` -> `ynn_fusion`);
+  Python frames (`$...`) and the executor's enclosing spans are left out.
+  """
+  paths = glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True)
+  with gzip.open(max(paths, key=os.path.getmtime)) as f:
+    events = json.load(f)
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  total_ms, calls = collections.Counter(), collections.Counter()
+  for event in events:
+    name = event.get('name', '')
+    if event.get('ph') != 'X' or name.startswith(('$', 'ThunkExecutor', 'PjitFunction')):
+      continue
+    kind = re.sub(r'[.\d]+$', '', name)
+    total_ms[kind] += event['dur'] / 1e3 / num_steps
+    calls[kind] += 1 / num_steps
+  return [(kind, ms, round(calls[kind])) for kind, ms in total_ms.most_common(top)]
 
 
 def bench_host(config, num_batches):
@@ -492,6 +528,8 @@ def print_table(r):
     if d['platform'] == 'cpu':
       rows.append(('CPU-s per step JAX / PyTorch',
                    f"{d['cpu_s_per_step_median']:.2f} / {peer['cpu_s_per_step_median']:.2f}"))
+  for kind, ms, calls in r.get('trace', {}).get('ms_per_step_by_op', []):
+    rows.append((f'  profile: {kind} (x{calls})', _fmt(ms, ' ms/step')))
   width = max(len(k) for k, _ in rows)
   for k, v in rows:
     print(f'  {k:<{width}}  {v}')
@@ -502,6 +540,9 @@ def print_table(r):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _TRACE_DIR.value:  # XLA:CPU records each op in the profile only with this flag.
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               ' --xla_cpu_enable_xprof_traceme=true')
   if _CORES.value:  # Before TensorFlow and XLA size their thread pools; the peer inherits it.
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:_CORES.value])
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -542,6 +583,11 @@ def main(argv):
       if peer is None:
         break
     results['device'].update(runner.summary())
+    if _TRACE_DIR.value:
+      runner.trace(_TRACE_STEPS.value, _TRACE_DIR.value)
+      results['trace'] = {'dir': _TRACE_DIR.value,
+                          'ms_per_step_by_op': trace_op_times(_TRACE_DIR.value,
+                                                              _TRACE_STEPS.value)}
     if _HOST.value and data_used:
       results['host'] = bench_host(config, _HOST_BATCHES.value or _STEPS.value)
     if _E2E.value and data_used:
