@@ -7,7 +7,7 @@ functions over global arrays on the device mesh, and writes on process 0:
   workdir/eval/results.jsonl     one line per evaluation; TensorBoard scalars `<name>/top1` in
                                  workdir/eval/tb, at the pretraining step
   workdir/eval/<name>/           the classifier's training curve (linear, finetune)
-with <name> = protocol[_random_init|_pixels].
+with <name> = protocol[_<p>pct][_on_<dataset>][_random_init|_pixels][_step<N>] (`result_name`).
 """
 
 import dataclasses
@@ -70,18 +70,24 @@ class Encoder:
 
 # Run and checkpoint.
 
-def result_name(config: ml_collections.ConfigDict) -> str:
-  """protocol[_random_init|_pixels], after checking that the switches make sense together."""
+def result_name(config: ml_collections.ConfigDict, run_dataset: str | None = None) -> str:
+  """protocol[_<p>pct][_on_<dataset>][_random_init|_pixels], after checking that the switches
+  make sense together: <p>% labels (linear, finetune), <dataset> if not the run's own."""
   if config.protocol not in PROTOCOLS:
     raise SetupError(f'Unknown protocol {config.protocol!r}; expected one of {PROTOCOLS}.')
   if config.features not in _FEATURES:
     raise SetupError(f'Unknown features {config.features!r}; expected one of {_FEATURES}.')
+  if config.features == 'pixels' and (config.protocol in _TRAINED_PROTOCOLS or config.random_init):
+    raise SetupError('--config.features=pixels works with the linear_features and knn '
+                     'protocols, without random_init.')
+  name = config.protocol
+  if config.protocol in _TRAINED_PROTOCOLS and config[config.protocol].label_fraction < 1:
+    name += f'_{100 * config[config.protocol].label_fraction:g}pct'
+  if config.dataset and config.dataset != run_dataset:
+    name += f'_on_{config.dataset}'
   if config.features == 'pixels':
-    if config.protocol in _TRAINED_PROTOCOLS or config.random_init:
-      raise SetupError('--config.features=pixels works with the linear_features and knn '
-                       'protocols, without random_init.')
-    return f'{config.protocol}_pixels'
-  return config.protocol + ('_random_init' if config.random_init else '')
+    return f'{name}_pixels'
+  return name + ('_random_init' if config.random_init else '')
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -497,7 +503,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     checkpointer.close()
 
   # An explicit --step keeps its own file, so it never overwrites the latest checkpoint's result.
-  name = result_name(config) + ('' if requested_step is None else f'_step{requested_step}')
+  name = result_name(config, run_config.dataset) + ('' if requested_step is None else f'_step{requested_step}')
   eval_dir = os.path.join(workdir, 'eval')
   with jax.set_mesh(mesh):
     if config.protocol in _TRAINED_PROTOCOLS:

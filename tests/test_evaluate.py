@@ -141,11 +141,25 @@ def test_errors_before_compiling(pretrain_run, unlabelled_data_dir, tmp_path, ca
 
 
 @pytest.mark.parametrize('overrides, name', [
+    ({'protocol': 'linear', 'linear.label_fraction': 1.0}, 'linear'),
+    ({'protocol': 'linear', 'linear.label_fraction': 0.01}, 'linear_1pct'),
+    ({'protocol': 'finetune', 'finetune.label_fraction': 0.1, 'random_init': True},
+     'finetune_10pct_random_init'),
+    ({'protocol': 'knn', 'dataset': 'cifar100'}, 'knn_on_cifar100'),
+    ({'protocol': 'knn', 'dataset': 'tiny'}, 'knn'),  # The run's own dataset.
+    ({'protocol': 'linear_features', 'features': 'pixels', 'dataset': 'cifar100'},
+     'linear_features_on_cifar100_pixels'),
+])
+def test_result_names_keep_evaluations_apart(overrides, name):
+  assert evaluate.result_name(_eval_config(**overrides), run_dataset='tiny') == name
+
+
+@pytest.mark.parametrize('overrides, name', [
     ({'protocol': 'knn'}, 'knn'),
     ({'protocol': 'linear_features', 'features': 'pixels'}, 'linear_features_pixels'),
     ({'protocol': 'linear', 'random_init': True}, 'linear_random_init'),
     ({'protocol': 'finetune', 'finetune.proj_layers': 1, 'finetune.optimizer': 'lars'},
-     'finetune'),
+     'finetune_50pct'),
 ])
 def test_protocols_end_to_end(pretrain_run, tmp_path, overrides, name):
   workdir = _copy_run(pretrain_run, tmp_path)
@@ -154,7 +168,7 @@ def test_protocols_end_to_end(pretrain_run, tmp_path, overrides, name):
     assert json.load(f)['top1'] == results['top1']
   assert 0 <= results['top1'] <= 1 and 'top5' not in results  # 4 classes: no top-5.
   assert results['step'] == (0 if name.endswith(('_pixels', '_random_init')) else STEP)
-  assert results['num_train_examples'] == (48 if name == 'finetune' else 96)
+  assert results['num_train_examples'] == (48 if name == 'finetune_50pct' else 96)
   with open(os.path.join(workdir, 'eval', 'results.jsonl')) as f:
     assert list(json.loads(f.readline())) == ['step', f'{name}/top1']
 
