@@ -32,7 +32,6 @@ import glob
 import gzip
 import json
 import os
-import platform
 import re
 import resource
 import subprocess
@@ -43,7 +42,9 @@ import warnings
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import bench_util
+
+_ROOT = bench_util.ROOT
 sys.path.insert(0, _ROOT)
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -62,7 +63,7 @@ _NUM_CLASSES = flags.DEFINE_integer('num_classes', None, 'Online-probe classes (
                                     "dataset's, 1000 for imagenet2012, else 10).")
 _HOST = flags.DEFINE_bool('host', True, 'Measure the host input pipeline.')
 _E2E = flags.DEFINE_bool('e2e', True, 'Measure the end-to-end training loop.')
-_PEER_PYTHON = flags.DEFINE_string('peer_python', 'benchmarks/.peer-venv/bin/python',
+_PEER_PYTHON = flags.DEFINE_string('peer_python', bench_util.PEER_PYTHON,
                                    "Python of the PyTorch peer's venv ('' to skip the peer).")
 _PEER_ARGS = flags.DEFINE_string('peer_args', '', 'Extra flags for torch_peer.py, e.g. '
                                  '"--compile --optimizer=sgd".')
@@ -104,12 +105,6 @@ def peak_flops(device_kind: str, dtype: str):
     if key.lower() in device_kind.lower():
       return name, peaks[dtype]
   return None
-
-
-def _cpu_model() -> str:
-  with open('/proc/cpuinfo') as f:
-    return next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')),
-                platform.processor() or 'unknown')
 
 
 def _host_input_dataset(image_size):
@@ -264,12 +259,6 @@ def _cpu_seconds():
   return t.user + t.system
 
 
-def _median(xs):
-  xs = sorted(xs)
-  mid = len(xs) // 2
-  return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
-
-
 def bench_device(config, mesh, num_classes, notes):
   """Compiles the real train step and times it on a device-resident synthetic batch."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -369,7 +358,7 @@ def bench_device(config, mesh, num_classes, notes):
         jax.block_until_ready((self.state, self.metrics))
 
     def summary(self):
-      step_s = _median(self.windows)
+      step_s = bench_util.median(self.windows)
       achieved = step_flops / step_s
       stats = [d.memory_stats() for d in mesh.devices.flat]
       peak_bytes = (max(int(s.get('peak_bytes_in_use', 0)) for s in stats)
@@ -377,7 +366,7 @@ def bench_device(config, mesh, num_classes, notes):
       return {
           'step_s_median': step_s, 'step_s_min': min(self.windows),
           'step_s_max': max(self.windows), 'window_step_s': self.windows,
-          'cpu_s_per_step_median': _median(self.cpu),
+          'cpu_s_per_step_median': bench_util.median(self.cpu),
           'images_per_s': config.batch_size / step_s,
           'views_per_s': 2 * config.batch_size / step_s,
           'achieved_flops_per_device': achieved,
@@ -455,12 +444,12 @@ def bench_e2e(config, mesh, compiled, state, num_steps):
 
 def bench_peer(config, num_classes, notes):
   """Runs torch_peer.py with the peer venv's python; returns its JSON, or None."""
-  python = _PEER_PYTHON.value
-  if not python:
+  try:
+    python = bench_util.peer_python(_PEER_PYTHON.value)
+  except FileNotFoundError as e:
+    notes.append(f'PyTorch peer skipped: {e}.')
     return None
-  python = python if os.path.isabs(python) else os.path.join(_ROOT, python)
-  if not os.path.exists(python):
-    notes.append(f'PyTorch peer skipped: {python} is absent (run bash benchmarks/setup_peer.sh).')
+  if python is None:
     return None
   m = config.model
   command = [python, os.path.join(_ROOT, 'benchmarks', 'torch_peer.py'),
@@ -544,7 +533,7 @@ def main(argv):
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                ' --xla_cpu_enable_xprof_traceme=true')
   if _CORES.value:  # Before TensorFlow and XLA size their thread pools; the peer inherits it.
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:_CORES.value])
+    bench_util.pin_to_first_cores(_CORES.value)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')  # tf.data must not take the accelerators.
   import jax  # pylint: disable=g-import-not-at-top
@@ -556,7 +545,7 @@ def main(argv):
   mesh_lib.check_global_batch_size(config.batch_size, mesh)
   results = {
       'date': time.strftime('%Y-%m-%d %H:%M'),
-      'machine': {'cpu': _cpu_model(), 'cores': len(os.sched_getaffinity(0)),
+      'machine': {'cpu': bench_util.cpu_model(), 'cores': len(os.sched_getaffinity(0)),
                   'load': ' '.join(f'{x:.1f}' for x in os.getloadavg()),
                   'jax': jax.__version__, 'backend': jax.default_backend()},
       'command': ' '.join(['python'] + [os.path.relpath(sys.argv[0], _ROOT)] + sys.argv[1:]),
@@ -578,7 +567,7 @@ def main(argv):
     for _ in range(max(1, _ROUNDS.value)):
       jax_windows = runner.time(_STEPS.value, _WINDOWS.value)
       peer = bench_peer(config, num_classes, notes)
-      rounds.append({'jax_images_per_s': config.batch_size / _median(jax_windows),
+      rounds.append({'jax_images_per_s': config.batch_size / bench_util.median(jax_windows),
                      'peer_images_per_s': peer and peer['images_per_s'], 'peer': peer})
       if peer is None:
         break
@@ -608,15 +597,15 @@ def main(argv):
   if peers:
     peer = dict(peers[-1])
     windows = [w for p in peers for w in p['window_step_s']]
-    peer.update(window_step_s=windows, step_s_median=_median(windows),
-                cpu_s_per_step_median=_median([p['cpu_s_per_step'] for p in peers]),
-                images_per_s=config.batch_size / _median(windows),
-                views_per_s=2 * config.batch_size / _median(windows))
+    peer.update(window_step_s=windows, step_s_median=bench_util.median(windows),
+                cpu_s_per_step_median=bench_util.median([p['cpu_s_per_step'] for p in peers]),
+                images_per_s=config.batch_size / bench_util.median(windows),
+                views_per_s=2 * config.batch_size / bench_util.median(windows))
     peer.pop('cpu_s_per_step', None)
     results['peer'] = peer
     results['rounds'] = rounds
     ratios = [r['jax_images_per_s'] / r['peer_images_per_s'] for r in rounds]
-    results['jax_over_peer'] = _median(ratios)
+    results['jax_over_peer'] = bench_util.median(ratios)
     results['jax_over_peer_per_round'] = ratios
     jax_params, torch_params = results['device']['params'], peer['params']
     if jax_params != torch_params:

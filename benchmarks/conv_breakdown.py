@@ -21,7 +21,9 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import bench_util
+
+_ROOT = bench_util.ROOT
 sys.path.insert(0, _ROOT)
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -29,7 +31,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per pass (after one warm-up call).')
 _CORES = flags.DEFINE_integer('cores', None, 'Pin both frameworks to the first N cores.')
-_PEER_PYTHON = flags.DEFINE_string('peer_python', 'benchmarks/.peer-venv/bin/python',
+_PEER_PYTHON = flags.DEFINE_string('peer_python', bench_util.PEER_PYTHON,
                                    "Python of the PyTorch peer's venv ('' to skip the peer).")
 
 
@@ -72,7 +74,7 @@ def time_ms(fn, repeats):
     start = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(1e3 * (time.perf_counter() - start))
-  return sorted(times)[len(times) // 2]
+  return bench_util.median(times)
 
 
 def jax_times(shape, repeats):
@@ -98,12 +100,12 @@ def jax_times(shape, repeats):
 
 def peer_times(shapes, repeats):
   """(forward, dx, dw) ms per shape from torch_conv_times.py, or None without the peer venv."""
-  python = _PEER_PYTHON.value
-  if not python:
+  try:
+    python = bench_util.peer_python(_PEER_PYTHON.value)
+  except FileNotFoundError as e:
+    print(f'PyTorch peer skipped: {e}.')
     return None
-  python = python if os.path.isabs(python) else os.path.join(_ROOT, python)
-  if not os.path.exists(python):
-    print(f'PyTorch peer skipped: {python} is absent (bash benchmarks/setup_peer.sh).')
+  if python is None:
     return None
   command = [python, os.path.join(_ROOT, 'benchmarks', 'torch_conv_times.py'),
              f'--repeats={repeats}', f'--threads={_CORES.value or os.cpu_count()}']
@@ -115,7 +117,7 @@ def peer_times(shapes, repeats):
 def main(argv):
   del argv
   if _CORES.value:
-    os.sched_setaffinity(0, range(_CORES.value))  # Children (the peer) inherit it.
+    bench_util.pin_to_first_cores(_CORES.value)  # The peer inherits it.
   config = _CONFIG.value
   convs = encoder_convolutions(config)
   shapes = [shape for shape, _ in convs]

@@ -22,7 +22,9 @@ import time
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_util
+
+sys.path.insert(0, bench_util.ROOT)
 
 _BATCHES = flags.DEFINE_integer('batches', 20, 'Timed batches per run, after 3 warm-up ones.')
 _DATA_DIR = flags.DEFINE_string('data_dir', '/tmp/host_input_tfds', 'Synthetic datasets here.')
@@ -101,20 +103,15 @@ def _child(case, cores, data_dir, num_batches):
   return json.loads(output.strip().splitlines()[-1])
 
 
-def _cpu_model():
-  with open('/proc/cpuinfo') as f:
-    return next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')),
-                'unknown')
-
-
 def main(argv):
   del argv
   if _CASE.value:  # Child: pin, then import TensorFlow (its thread pools size to the cores).
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:_CORES.value])
+    bench_util.pin_to_first_cores(_CORES.value)
     print(json.dumps(run_case(_CASE.value, _DATA_DIR.value, _BATCHES.value)))
     return
   all_cores = len(os.sched_getaffinity(0))
-  results = dict(cpu=_cpu_model(), cores=all_cores, date=time.strftime('%Y-%m-%d'), cases={})
+  results = dict(cpu=bench_util.cpu_model(), cores=all_cores, date=time.strftime('%Y-%m-%d'),
+                 cases={})
   for case in CASES:
     bytes_per_image = build_dataset(case, _DATA_DIR.value)
     runs = {cores: _child(case, cores, _DATA_DIR.value, _BATCHES.value)
