@@ -70,6 +70,11 @@ class Encoder:
 
 # Run and checkpoint.
 
+def _label_fraction(config: ml_collections.ConfigDict) -> float:
+  """Fraction of train_split's labels the protocol trains on (all for the untrained ones)."""
+  return config[config.protocol].label_fraction if config.protocol in _TRAINED_PROTOCOLS else 1.0
+
+
 def result_name(config: ml_collections.ConfigDict, run_dataset: str | None = None) -> str:
   """protocol[_<p>pct][_on_<dataset>][_random_init|_pixels], after checking that the switches
   make sense together: <p>% labels (linear, finetune), <dataset> if not the run's own."""
@@ -80,9 +85,9 @@ def result_name(config: ml_collections.ConfigDict, run_dataset: str | None = Non
   if config.features == 'pixels' and (config.protocol in _TRAINED_PROTOCOLS or config.random_init):
     raise SetupError('--config.features=pixels works with the linear_features and knn '
                      'protocols, without random_init.')
-  name = config.protocol
-  if config.protocol in _TRAINED_PROTOCOLS and config[config.protocol].label_fraction < 1:
-    name += f'_{100 * config[config.protocol].label_fraction:g}pct'
+  name, fraction = config.protocol, _label_fraction(config)
+  if fraction < 1:
+    name += f'_{100 * fraction:g}pct'
   if config.dataset and config.dataset != run_dataset:
     name += f'_on_{config.dataset}'
   if config.features == 'pixels':
@@ -457,7 +462,7 @@ def prepare_task(config, run_config, image_size: int) -> Task:
   data.num_examples(dataset, eval_split, data_config.data_dir)  # Checks that the split exists.
   num_train = data.num_examples(dataset, config.train_split, data_config.data_dir)
   train_ids = None
-  fraction = config[config.protocol].label_fraction if config.protocol in _TRAINED_PROTOCOLS else 1
+  fraction = _label_fraction(config)
   if fraction < 1:
     ids, labels = data.split_labels(data_config, config.train_split)
     train_ids = ids[label_fraction_indices(labels, fraction, num_classes, config.seed)]
