@@ -11,25 +11,30 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from simclr_jax import distributed
+from simclr_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs/default.py'),
     'Training configuration file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.',
                                required=True)
+cli.define_flags()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  import tensorflow as tf  # Hide accelerators from tf.data before JAX takes them.
-  tf.config.set_visible_devices([], 'GPU')
-  distributed.initialize_from_flags()
-  from simclr_jax import pretrain
-  pretrain.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+  def pretrain():
+    import tensorflow as tf  # Hide accelerators from tf.data before JAX takes them.
+    tf.config.set_visible_devices([], 'GPU')
+    cli.initialize_distributed()
+    from simclr_jax import pretrain as pretrain_lib
+    pretrain_lib.run(_CONFIG.value, _WORKDIR.value)
+
+  cli.run_main('run_pretrain.py', pretrain)
 
 
 if __name__ == '__main__':
   logging.set_verbosity(logging.INFO)
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags('run_pretrain.py'))

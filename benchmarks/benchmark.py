@@ -4,9 +4,9 @@ r"""Throughput of SimCLR pretraining: device step, host input, end to end, and a
         [--steps=20] [--out=results.json] [--peer_python=benchmarks/.peer-venv/bin/python]
 
 Measures, for the config's model, batch and image size:
-  device   the real jitted `pretrain.train_step` (jitted as `pretrain.train_and_evaluate` does:
-           donated state, replicated state and batch-sharded inputs on `mesh.create_mesh()`, under
-           `jax.set_mesh`) on synthetic batches already on device: step time (median over
+  device   the real jitted `pretrain.train_step`, built by `pretrain.build` as `pretrain.run`
+           uses it (donated state, replicated state and batch-sharded inputs on
+           `mesh.create_mesh()`, under `jax.set_mesh`), on synthetic batches already on device: step time (median over
            --windows windows of the --steps timed steps, blocking only at the end of a window),
            images/s, views/s, lower + compile time, XLA's FLOPs of the compiled step, achieved
            FLOP/s and MFU, peak device memory. The timed window runs under
@@ -27,7 +27,6 @@ Prints a table and one JSON object (also written to --out). See benchmarks/READM
 
 import collections
 import contextlib
-import functools
 import glob
 import gzip
 import json
@@ -128,45 +127,48 @@ def _host_input_dataset(image_size):
 
 
 def resolve_data(config, notes):
-  """Points config at a prepared dataset: its own, or host_input.py's synthetic one of its size.
-
-  Returns a short description of the data used, or None when no data can be had.
-  """
+  """Points config.data at a prepared dataset: its own, or host_input.py's synthetic one of its
+  size. Returns (short description of the data used, its data.Split), or (None, None)."""
   from simclr_jax import data  # pylint: disable=g-import-not-at-top
   from simclr_jax import prepare_data  # pylint: disable=g-import-not-at-top
   try:  # Prepared, or preparable from local files; never a download from here.
-    if prepare_data.can_prepare_offline(config.dataset):
-      data.ensure_prepared(config.dataset, config.data_dir)
-    data.load_builder(config.dataset, config.data_dir)
-    return f'{config.dataset} (prepared)'
+    if prepare_data.can_prepare_offline(config.data.dataset):
+      data.prepare(config.data)
+    split = data.open_split(config.data, config.data.train_split)
+    return f'{config.data.dataset} (prepared)', split
   except Exception as e:  # pylint: disable=broad-except
     reason = str(e).splitlines()[0][:200]
-  spec = _host_input_dataset(config.image_size)
+  spec = _host_input_dataset(config.data.image_size)
   if spec is None:
-    notes.append(f'{config.dataset} unavailable ({reason}); no synthetic stand-in at '
-                 f'{config.image_size}px: host and e2e skipped.')
-    return None
+    notes.append(f'{config.data.dataset} unavailable ({reason}); no synthetic stand-in at '
+                 f'{config.data.image_size}px: host and e2e skipped.')
+    return None, None
   synthetic = spec['dataset']
-  notes.append(f'{config.dataset} unavailable ({reason}); host and e2e read the synthetic '
+  notes.append(f'{config.data.dataset} unavailable ({reason}); host and e2e read the synthetic '
                f'{synthetic} of benchmarks/host_input.py instead (same size, the config\'s '
                'augmentation and batch).')
-  config.dataset, config.data_dir = synthetic, _SYNTHETIC_DIR.value
-  config.shuffle_buffer = min(config.shuffle_buffer, spec['num_examples'] // 4)
-  return f'{synthetic} (synthetic, benchmarks/host_input.py)'
+  config.data.dataset, config.data.data_dir = synthetic, _SYNTHETIC_DIR.value
+  config.data.shuffle_buffer = min(config.data.shuffle_buffer, spec['num_examples'] // 4)
+  return (f'{synthetic} (synthetic, benchmarks/host_input.py)',
+          data.open_split(config.data, config.data.train_split))
 
 
-def _num_classes(config, data_ok):
+def synthetic_split(config, num_classes):
+  """A stand-in data.Split for the device step alone: the step reads only its settings."""
   from simclr_jax import data  # pylint: disable=g-import-not-at-top
+  size = config.data.image_size
+  return data.Split(config.data, 'synthetic', num_examples=1000 * config.batch_size,
+                    num_classes=num_classes or None, image_shape=(size, size, 3), reader=None)
+
+
+def _num_classes(config, split):
   if not config.online_probe:
     return 0
   if _NUM_CLASSES.value is not None:
     return _NUM_CLASSES.value
-  if data_ok:
-    try:
-      return data.num_classes(config.dataset, config.data_dir) or 0
-    except Exception:  # pylint: disable=broad-except
-      pass
-  return _DATASET_CLASSES.get(config.dataset, 10)
+  if split is not None and split.num_classes:
+    return split.num_classes
+  return _DATASET_CLASSES.get(config.data.dataset, 10)
 
 
 def _synthetic_batch(config, num_classes, mesh):
@@ -174,7 +176,7 @@ def _synthetic_batch(config, num_classes, mesh):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from simclr_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  size = config.image_size
+  size = config.data.image_size
   batch = {'views': rng.random((config.batch_size, 2, size, size, 3), np.float32),
            'label': rng.integers(0, max(num_classes, 1), config.batch_size).astype(np.int32)}
   return jax.device_put(batch, mesh_lib.batch_sharded(mesh))
@@ -262,21 +264,12 @@ def _cpu_seconds():
 def bench_device(config, mesh, num_classes, notes):
   """Compiles the real train step and times it on a device-resident synthetic batch."""
   import jax  # pylint: disable=g-import-not-at-top
-  from simclr_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from simclr_jax import models  # pylint: disable=g-import-not-at-top
   from simclr_jax import pretrain  # pylint: disable=g-import-not-at-top
-  from simclr_jax import train_state as train_state_lib  # pylint: disable=g-import-not-at-top
 
-  model = models.create_model(config.model, num_classes=num_classes)
-  # The schedule's length does not change the step's cost; 1000 steps per epoch stands in.
-  total_steps = pretrain.total_train_steps(config, 1000)
-  tx, schedule = pretrain.create_optimizer(config, 1000, total_steps)
-  replicated = mesh_lib.replicated(mesh)
-  create_state = functools.partial(train_state_lib.create_train_state, model, tx,
-                                   image_size=config.image_size)
-  step_fn = pretrain.make_train_step(config, model, tx, schedule, mesh)
-
-  state = jax.jit(create_state, out_shardings=replicated)(jax.random.key(config.seed))
+  # The schedule's length does not change the step's cost: a synthetic split stands in.
+  setup = pretrain.build(config, synthetic_split(config, num_classes), mesh)
+  step_fn = setup.step_fn
+  state = setup.create_state(jax.random.key(config.seed))
   batch = _synthetic_batch(config, num_classes, mesh)
   params = _param_counts(state.params)
   with warnings.catch_warnings(record=True) as caught:
@@ -399,11 +392,11 @@ def trace_op_times(trace_dir, num_steps, top=15):
   return [(kind, ms, round(calls[kind])) for kind, ms in total_ms.most_common(top)]
 
 
-def bench_host(config, num_batches):
-  """Images/s of data.pretrain_batches alone (its first batches fill the shuffle buffer)."""
-  from simclr_jax import data  # pylint: disable=g-import-not-at-top
+def bench_host(config, split, num_batches):
+  """Images/s of the host pipeline alone (its first batches fill the shuffle buffer)."""
+  from simclr_jax import tfds_data  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
-  batches = data.pretrain_batches(config)
+  batches = tfds_data.pretrain_batches(split, seed=config.seed, batch_size=config.batch_size)
   for _ in range(3):
     next(batches)
   first_s = time.perf_counter() - start
@@ -415,28 +408,25 @@ def bench_host(config, num_batches):
           'first_3_batches_s': first_s}
 
 
-def bench_e2e(config, mesh, compiled, state, num_steps):
-  """The training loop's inner part: pipeline -> prefetch_to_device -> compiled step."""
+def bench_e2e(config, split, mesh, compiled, state, num_steps):
+  """The training loop: data.pretrain_batches -> the compiled step, metrics every log step."""
   import jax  # pylint: disable=g-import-not-at-top
   from simclr_jax import data  # pylint: disable=g-import-not-at-top
-  from simclr_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from simclr_jax import metrics_writer  # pylint: disable=g-import-not-at-top
-  batches = mesh_lib.prefetch_to_device(data.pretrain_batches(config), mesh,
-                                        config.prefetch_batches)
+  from simclr_jax import train_loop  # pylint: disable=g-import-not-at-top
+  batches = data.pretrain_batches(split, mesh, seed=config.seed, batch_size=config.batch_size)
+  warmup = max(_WARMUP.value, config.data.prefetch_batches + 1)
   start = time.perf_counter()
-  for _ in range(max(_WARMUP.value, config.prefetch_batches + 1)):
-    state, metrics = compiled(state, next(batches))
-  jax.block_until_ready(state)
+  result = train_loop.run(state, compiled, batches, first_step=1, last_step=warmup,
+                          log_every_steps=warmup, on_log=lambda step, record: None,
+                          non_finite_message=lambda step, loss: f'loss {loss} at step {step}')
+  jax.block_until_ready(result.state)
   warmup_s = time.perf_counter() - start
-  pending = []
   start = time.perf_counter()
-  for step in range(1, num_steps + 1):
-    state, metrics = compiled(state, next(batches))
-    pending.append(metrics)
-    if step % config.log_every_steps == 0 or step == num_steps:
-      metrics_writer.summarise(pending)
-      pending = []
-  jax.block_until_ready(state)
+  result = train_loop.run(result.state, compiled, batches, first_step=1, last_step=num_steps,
+                          log_every_steps=config.log_every_steps,
+                          on_log=lambda step, record: None,
+                          non_finite_message=lambda step, loss: f'loss {loss} at step {step}')
+  jax.block_until_ready(result.state)
   seconds = time.perf_counter() - start
   return {'images_per_s': num_steps * config.batch_size / seconds,
           'step_s': seconds / num_steps, 'steps': num_steps, 'warmup_s': warmup_s}
@@ -456,7 +446,7 @@ def bench_peer(config, num_classes, notes):
              f'--depth={m.depth}', f'--width_multiplier={m.width_multiplier}',
              f'--cifar_stem={int(m.cifar_stem)}', f'--proj_mode={m.proj_mode}',
              f'--proj_num_layers={m.proj_num_layers}', f'--proj_dim={m.proj_dim}',
-             f'--num_classes={num_classes}', f'--image_size={config.image_size}',
+             f'--num_classes={num_classes}', f'--image_size={config.data.image_size}',
              f'--batch_size={config.batch_size}', f'--dtype={m.dtype}',
              f'--temperature={config.temperature}', f'--weight_decay={config.weight_decay}',
              f'--momentum={config.momentum}', f'--steps={_STEPS.value}',
@@ -549,14 +539,15 @@ def main(argv):
                   'load': ' '.join(f'{x:.1f}' for x in os.getloadavg()),
                   'jax': jax.__version__, 'backend': jax.default_backend()},
       'command': ' '.join(['python'] + [os.path.relpath(sys.argv[0], _ROOT)] + sys.argv[1:]),
-      'config': {'dataset': config.dataset, 'image_size': config.image_size,
+      'config': {'dataset': config.data.dataset, 'image_size': config.data.image_size,
                  'batch_size': config.batch_size, 'model': config.model.to_dict(),
                  'temperature': config.temperature, 'similarity': config.similarity,
                  'online_probe': config.online_probe},
       'notes': notes,
   }
-  data_used = resolve_data(config, notes) if (_HOST.value or _E2E.value) else None
-  num_classes = _num_classes(config, data_used is not None)
+  data_used, split = (resolve_data(config, notes) if (_HOST.value or _E2E.value)
+                      else (None, None))
+  num_classes = _num_classes(config, split)
   results['config']['num_classes'] = num_classes
   results['data'] = data_used
 
@@ -578,9 +569,9 @@ def main(argv):
                           'ms_per_step_by_op': trace_op_times(_TRACE_DIR.value,
                                                               _TRACE_STEPS.value)}
     if _HOST.value and data_used:
-      results['host'] = bench_host(config, _HOST_BATCHES.value or _STEPS.value)
+      results['host'] = bench_host(config, split, _HOST_BATCHES.value or _STEPS.value)
     if _E2E.value and data_used:
-      results['e2e'] = bench_e2e(config, mesh, compiled, runner.state,
+      results['e2e'] = bench_e2e(config, split, mesh, compiled, runner.state,
                                  _E2E_STEPS.value or _STEPS.value)
     del compiled, runner
   if results.get('host'):

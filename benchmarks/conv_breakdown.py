@@ -41,7 +41,8 @@ def encoder_convolutions(config):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from simclr_jax import models  # pylint: disable=g-import-not-at-top
   model = models.create_model(config.model)
-  x = jnp.zeros((2 * config.batch_size, config.image_size, config.image_size, 3), jnp.float32)
+  size = config.data.image_size
+  x = jnp.zeros((2 * config.batch_size, size, size, 3), jnp.float32)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
   jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x, train=True, mutable=['batch_stats'],
                                                method=models.SimCLRModel.encode))(variables)
@@ -124,7 +125,7 @@ def main(argv):
   ours = [jax_times(shape, _REPEATS.value) for shape in shapes]
   theirs = peer_times(shapes, _REPEATS.value) or [None] * len(shapes)
   m = config.model
-  print(f'ResNet-{m.depth} w={m.width_multiplier} {config.image_size}px, '
+  print(f'ResNet-{m.depth} w={m.width_multiplier} {config.data.image_size}px, '
         f'{2 * config.batch_size} views per step, fp32, ms per call (JAX | PyTorch)')
   print(f'{"conv (in px, k/stride, cin->cout)":36} {"n":>2}  {"forward":>13}  {"dx":>13}  '
         f'{"dw":>13}')

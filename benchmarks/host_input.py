@@ -2,7 +2,7 @@ r"""Host input throughput of the pretraining pipeline, in images/s (each image =
 
     python benchmarks/host_input.py [--batches=20] [--data_dir=/tmp/host_input_tfds]
 
-Runs `data.pretrain_batches` (TFDS read, shuffle, decode, two augmented views, batching) on two
+Runs `tfds_data.pretrain_batches` (TFDS read, shuffle, decode, two augmented views, batching) on two
 synthetic TFDS datasets, built once in --data_dir:
   32:  32x32 RGB PNGs (CIFAR-10 size), CIFAR recipe: colour strength 0.5, no blur, batch 256;
   224: 500x375 JPEGs (ImageNet-like), ImageNet recipe: 224x224 crops through the
@@ -75,14 +75,18 @@ def run_case(case, data_dir, num_batches):
   """Images/s of `pretrain_batches` for `case` in this process."""
   from configs import default  # pylint: disable=g-import-not-at-top
   from simclr_jax import data  # pylint: disable=g-import-not-at-top
+  from simclr_jax import tfds_data  # pylint: disable=g-import-not-at-top
   spec = CASES[case]
-  config = default.get_config()
-  config.update(dict(dataset=spec['dataset'], data_dir=data_dir, image_size=spec['image_size'],
-                     batch_size=spec['batch_size'], shuffle_buffer=spec['num_examples'] // 4))
-  config.augment.color_strength = spec['color_strength']
-  config.augment.blur_probability = spec['blur_probability']
+  data_config = default.get_data_config()
+  data_config.update(dict(dataset=spec['dataset'], data_dir=data_dir,
+                          image_size=spec['image_size'],
+                          shuffle_buffer=spec['num_examples'] // 4))
+  data_config.augment.color_strength = spec['color_strength']
+  data_config.augment.blur_probability = spec['blur_probability']
   start = time.perf_counter()
-  batches = data.pretrain_batches(config, process_index=0, process_count=1)
+  batches = tfds_data.pretrain_batches(data.open_split(data_config, 'train'), seed=0,
+                                       batch_size=spec['batch_size'], process_index=0,
+                                       process_count=1)
   for _ in range(3):
     next(batches)
   warmup_s = time.perf_counter() - start

@@ -13,11 +13,11 @@ from configs import default as default_lib
 
 def get_config():
   config = default_lib.get_config()
-  config.dataset = 'cifar10'
-  config.image_size = 32
-  config.shuffle_buffer = 25_600  # 50 x batch, as the official code for 32x32 data.
-  config.augment.color_strength = 0.5
-  config.augment.blur_probability = 0.0
+  config.data.dataset = 'cifar10'
+  config.data.image_size = 32
+  config.data.shuffle_buffer = 25_600  # 50 x batch, as the official code for 32x32 data.
+  config.data.augment.color_strength = 0.5
+  config.data.augment.blur_probability = 0.0
   config.model.depth = 18
   config.model.width_multiplier = 1
   config.model.cifar_stem = True

@@ -12,37 +12,50 @@ Every field can be overridden: --config.batch_size=128 --config.num_train_steps=
 import ml_collections
 
 
+def get_data_config():
+  """Where images come from and how views are made (`config.data`)."""
+  data = ml_collections.ConfigDict()
+  data.dataset = 'fashion_mnist'       # Any TFDS image dataset name.
+  data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir; gs:// on TPU VMs.
+  data.train_split = 'train'           # Split expressions work: 'train+unlabelled', 'train[:90%]'.
+  data.eval_split = 'test'
+  data.image_size = 28                 # Height = width of the views fed to the encoder.
+  data.shuffle_buffer = 10_000         # Examples per process (tfds source).
+  data.prefetch_batches = 2            # Global batches in flight to the devices.
+  data.source = 'tfds'                 # 'tfds': tf.data on the host; 'memory': whole dataset on
+                                       # device, every augmentation inside the train step.
+  data.augment = ml_collections.ConfigDict()
+  data.augment.color_strength = 0.5    # s in the paper: 1.0 ImageNet, 0.5 CIFAR.
+  # 'multiplicative' (official code) or 'additive' (v1 paper's pseudo-code).
+  data.augment.brightness = 'multiplicative'
+  data.augment.blur_probability = 0.0  # 0.5 for ImageNet-size images, off for 32x32 data.
+  data.augment.on_device = False       # tfds: colour and blur on device (crop, flip on host).
+  return data
+
+
+def get_model_config():
+  """The encoder and its projection head (`config.model`)."""
+  model = ml_collections.ConfigDict()
+  model.depth = 18
+  model.width_multiplier = 0.25
+  model.cifar_stem = True
+  model.zero_init_last_bn = True
+  model.proj_mode = 'nonlinear'        # 'nonlinear' or 'linear'.
+  model.proj_num_layers = 2            # 2: SimCLR v1 paper, 3: official code and SimCLR v2.
+  model.proj_dim = 128
+  model.dtype = 'float32'              # Compute dtype ('bfloat16' on TPU/GPU); params stay f32.
+  return model
+
+
 def get_config():
   config = ml_collections.ConfigDict()
-
-  # Data.
-  config.dataset = 'fashion_mnist'     # Any TFDS image dataset name.
-  config.train_split = 'train'         # Split expressions work: 'train+unlabelled', 'train[:90%]'.
-  config.eval_split = 'test'
-  config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir; gs:// on TPU VMs.
-  config.image_size = 28               # Height = width of the views fed to the encoder.
-  config.shuffle_buffer = 10_000       # Examples per process.
-  config.augment = ml_collections.ConfigDict()
-  config.augment.color_strength = 0.5  # s in the paper: 1.0 ImageNet, 0.5 CIFAR.
-  config.augment.brightness = 'multiplicative'  # 'multiplicative' (SimCLR v2 code) or 'additive' (v1 paper).
-  config.augment.blur_probability = 0.0  # 0.5 for ImageNet-size images, off for 32x32 data.
-  config.augment.on_device = False     # True: colour distortion and blur on device (crop, flip on host).
-
-  # Model.
-  config.model = ml_collections.ConfigDict()
-  config.model.depth = 18
-  config.model.width_multiplier = 0.25
-  config.model.cifar_stem = True
-  config.model.zero_init_last_bn = True
-  config.model.proj_mode = 'nonlinear'  # 'nonlinear' or 'linear'.
-  config.model.proj_num_layers = 2      # 2: SimCLR v1, 3: SimCLR v2.
-  config.model.proj_dim = 128
-  config.model.dtype = 'float32'        # Compute dtype; parameters stay float32. 'bfloat16' on TPU/GPU.
+  config.data = get_data_config()
+  config.model = get_model_config()
 
   # Objective.
   config.temperature = 0.5
   config.similarity = 'cosine'          # 'cosine' or 'euclidean'.
-  config.online_probe = True            # Linear probe on stop_gradient(h), when the dataset has labels.
+  config.online_probe = True            # Linear probe on stop_gradient(h) (labelled data only).
 
   # Optimisation.
   config.batch_size = 256               # Global, over all devices and processes.
@@ -59,5 +72,4 @@ def get_config():
   config.log_every_steps = 20
   config.checkpoint_every_steps = 100
   config.keep_checkpoints = 3
-  config.prefetch_batches = 2
   return config

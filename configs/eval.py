@@ -14,11 +14,15 @@ Protocols:
   linear_features  features extracted once (no augmentation), multinomial logistic regression
                    (L-BFGS), L2 strength chosen on a held-out part of train, then refit on all.
   knn              weighted k-NN (k=200, T=0.1) on l2-normalised features of the train split.
-  finetune         the whole encoder on a class-balanced label fraction of train, BN in train mode.
+  finetune         the whole encoder on a label fraction of train, BN in train mode: the official
+                   1%/10% lists for imagenet2012 (TFDS imagenet2012_subset), a class-balanced
+                   draw (seeded by `seed`) for other datasets.
 Switches: random_init=True evaluates an untrained encoder of the same architecture (seeded by
 `seed`); features='pixels' (linear_features, knn) uses the raw pixels instead of an encoder.
-Data settings left as None come from the pretraining run; a different `dataset` is a transfer
-evaluation. Results go to WORKDIR/eval/<protocol>[_random_init|_pixels].json.
+Data settings left as None come from the pretraining run; a different `data.dataset` is a transfer
+evaluation. Results go to WORKDIR/eval/<name>.json with
+<name> = <protocol>[_<p>pct][_on_<dataset>][_random_init|_pixels][_step<N>]: <p>% of the labels
+(linear, finetune), <dataset> when not the run's own, _step<N> when --step is given.
 
 Published recipes (epochs are small here so that the default runs on a CPU):
   CIFAR-10 linear:  --config.batch_size=512 --config.linear.num_epochs=100
@@ -43,20 +47,21 @@ def get_config():
   config.features = 'encoder'      # 'encoder' or 'pixels' (linear_features and knn only).
 
   # Data; None: as in the pretraining run.
-  config.dataset = config_dict.placeholder(str)
-  config.data_dir = config_dict.placeholder(str)
-  config.image_size = config_dict.placeholder(int)
-  config.train_split = 'train'     # Must be labelled ('train', not 'train+unlabelled').
-  config.eval_split = config_dict.placeholder(str)  # None: the pretraining eval_split.
+  config.data = ml_collections.ConfigDict()
+  config.data.dataset = config_dict.placeholder(str)
+  config.data.data_dir = config_dict.placeholder(str)
+  config.data.image_size = config_dict.placeholder(int)
+  config.data.train_split = 'train'     # Must be labelled ('train', not 'train+unlabelled').
+  config.data.eval_split = config_dict.placeholder(str)  # None: the pretraining eval_split.
+  config.data.prefetch_batches = 2
 
   config.batch_size = 256          # Global: training batch and feature-extraction batch.
   config.seed = 0
   config.log_every_steps = 50
-  config.prefetch_batches = 2
 
   # linear and finetune train a classifier with the same fields.
   config.linear = ml_collections.ConfigDict()
-  config.linear.label_fraction = 1.0   # Class-balanced fraction of train_split with labels.
+  config.linear.label_fraction = 1.0   # Fraction of train_split with labels.
   config.linear.num_epochs = 2         # 100 (CIFAR) / 90 (ImageNet) in the published recipe.
   config.linear.optimizer = 'momentum'  # 'momentum' (Nesterov 0.9) or 'lars'.
   config.linear.learning_rate = 0.1    # x batch_size / 256 ('linear') or x sqrt(batch_size).
@@ -78,6 +83,6 @@ def get_config():
   config.finetune.optimizer = 'momentum'  # v1 paper; SimCLR v2 used 'lars'.
   config.finetune.learning_rate = 0.05  # v1 paper: 0.05 x B/256; v2: 0.005 x sqrt(B) with LARS.
   config.finetune.learning_rate_scaling = 'linear'
-  config.finetune.weight_decay = 0.0
+  config.finetune.weight_decay = 0.0    # Never on BatchNorm parameters.
   config.finetune.proj_layers = 0       # Projection layers kept under the classifier (v2: 1).
   return config

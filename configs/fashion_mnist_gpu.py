@@ -13,8 +13,8 @@ from configs import cifar10
 
 def get_config():
   config = cifar10.get_config()
-  config.dataset = 'fashion_mnist'
-  config.image_size = 28
+  config.data.dataset = 'fashion_mnist'
+  config.data.image_size = 28
   config.num_epochs = 200
   config.checkpoint_every_steps = 1170  # 10 epochs.
   return config

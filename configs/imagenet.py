@@ -1,7 +1,7 @@
 r"""The paper's ImageNet setting: ResNet-50 (1x), batch 4096, 100 epochs.
 
     python run_pretrain.py --config=configs/imagenet.py --workdir=gs://BUCKET/simclr/r50 \
-        --config.data_dir=gs://BUCKET/tensorflow_datasets --multihost
+        --config.data.data_dir=gs://BUCKET/tensorflow_datasets --multihost
 
 tau 0.1, LARS lr 0.075 x sqrt(B) (= 4.8), weight decay 1e-4, 10 warmup epochs, colour strength
 1.0, blur on, bf16 compute, 2-layer head. 31,279 steps. The official README reports about 6 hours
@@ -14,13 +14,13 @@ from configs import default as default_lib
 
 def get_config():
   config = default_lib.get_config()
-  config.dataset = 'imagenet2012'
-  config.train_split = 'train'
-  config.eval_split = 'validation'
-  config.image_size = 224
-  config.shuffle_buffer = 10_000
-  config.augment.color_strength = 1.0
-  config.augment.blur_probability = 0.5
+  config.data.dataset = 'imagenet2012'
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'
+  config.data.image_size = 224
+  config.data.shuffle_buffer = 10_000
+  config.data.augment.color_strength = 1.0
+  config.data.augment.blur_probability = 0.5
   config.model.depth = 50
   config.model.width_multiplier = 1
   config.model.cifar_stem = False

@@ -14,10 +14,10 @@ from configs import imagenet
 def get_config():
   """The ImageNet recipe at 96 px on STL-10's 105k images, with tau 0.2 and weight decay 1e-6."""
   config = imagenet.get_config()
-  config.dataset = 'stl10'
-  config.train_split = 'train+unlabelled'
-  config.eval_split = 'test'
-  config.image_size = 96
+  config.data.dataset = 'stl10'
+  config.data.train_split = 'train+unlabelled'
+  config.data.eval_split = 'test'
+  config.data.image_size = 96
   config.temperature = 0.2
   config.batch_size = 1024
   config.num_epochs = 500

@@ -2,7 +2,7 @@
 # Runs a program on several GPU hosts: one process per host, each using all of its host's GPUs.
 #
 #   HOSTS="gpu-0 gpu-1" scripts/gpu_hosts.sh run_pretrain.py --config=configs/imagenet.py \
-#       --workdir=/shared/simclr/r50 --config.data_dir=/shared/tensorflow_datasets \
+#       --workdir=/shared/simclr/r50 --config.data.data_dir=/shared/tensorflow_datasets \
 #       --config.model.dtype=bfloat16
 #
 # Host i of HOSTS runs, over ssh, in REMOTE_DIR (default: this checkout's path):

@@ -13,7 +13,7 @@
 #
 # `run` executes on every worker, detached from the ssh session (log: ~/simclr_pretrain.log):
 #   cd simclr_jax && SIMCLR_MULTIHOST=1 .venv/bin/python run_pretrain.py --config=$CONFIG \
-#       --workdir=$WORKDIR --config.data_dir=$DATA_DIR [extra flags]
+#       --workdir=$WORKDIR --config.data.data_dir=$DATA_DIR [extra flags]
 # SIMCLR_MULTIHOST=1 makes run_pretrain.py call jax.distributed.initialize() with no arguments;
 # JAX reads the slice topology from the TPU metadata. WORKDIR must be a bucket that every worker
 # writes (Orbax writes each worker's shards there); DATA_DIR holds prepared TFDS datasets (for
@@ -89,7 +89,7 @@ run() {
   : "${DATA_DIR:?set DATA_DIR=gs://BUCKET/tensorflow_datasets}"
   local args
   args="run_pretrain.py$(quoted "--config=$CONFIG" "--workdir=$WORKDIR" \
-    "--config.data_dir=$DATA_DIR" "$@")"
+    "--config.data.data_dir=$DATA_DIR" "$@")"
   echo "tpu_pod.sh: on every worker: cd $REMOTE_DIR && SIMCLR_MULTIHOST=1 .venv/bin/python $args" >&2
   on_workers all "set -e
     if [ -f ~/$PIDFILE ] && kill -0 \$(cat ~/$PIDFILE) 2>/dev/null; then

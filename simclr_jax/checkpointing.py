@@ -1,22 +1,54 @@
-"""Orbax checkpoints of a pretraining run, in `workdir/checkpoints/<step>/`.
+"""Orbax checkpoints of a run in `workdir/checkpoints/<step>/`, and the metadata they carry.
 
-Each checkpoint has three items so evaluation can restore the encoder without the optimizer:
+Each checkpoint has three items, so evaluation restores the encoder without the optimizer:
   model: {'params', 'batch_stats'}   train: {'opt_state', 'step', 'rng'}   meta: JSON
+The metadata (`run_metadata`) is the single record of what a checkpoint holds: the model config,
+image size, class count, dataset and the whole pretraining config. Resuming checks it
+(`check_resumable`), and evaluation rebuilds the model from it alone.
 Every process calls every method (Orbax coordinates multi-host writes).
 """
 
+import dataclasses
 import os
 from typing import Any
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
+from simclr_jax import errors
 from simclr_jax import train_state as train_state_lib
 
 
 def checkpoint_dir(workdir: str) -> str:
   """`workdir/checkpoints`, absolute unless it is a URL such as gs://bucket/run."""
   return os.path.join(workdir if '://' in workdir else os.path.abspath(workdir), 'checkpoints')
+
+
+def run_metadata(config: ml_collections.ConfigDict, num_classes: int) -> dict:
+  """What a pretraining checkpoint holds, and the config that trained it."""
+  return {'model': config.model.to_dict(), 'image_size': config.data.image_size,
+          'num_classes': num_classes, 'dataset': config.data.dataset,
+          'config': config.to_dict()}
+
+
+def check_resumable(saved: dict, meta: dict, step: int, workdir: str) -> None:
+  """Raises UserError unless a run with metadata `meta` can continue the checkpoint `saved`."""
+  fields = [f'model.{k}' for k in sorted(set(saved['model']) | set(meta['model']))
+            if saved['model'].get(k) != meta['model'].get(k)]
+  fields += [k for k in ('image_size', 'num_classes') if saved.get(k) != meta.get(k)]
+  if fields:
+    values = '; '.join(f'{k}: checkpoint {_lookup(saved, k)!r}, now {_lookup(meta, k)!r}'
+                       for k in fields)
+    raise errors.UserError(f'{workdir} holds a checkpoint (step {step}) of a different model '
+                           f'({values}). Use a new --workdir, or the config that wrote it.')
+
+
+def _lookup(meta: dict, dotted: str):
+  value = meta
+  for part in dotted.split('.'):
+    value = value.get(part) if isinstance(value, dict) else None
+  return value
 
 
 def abstract_like(tree: Any, sharding) -> Any:
@@ -30,13 +62,14 @@ class Checkpointer:
 
   def __init__(self, workdir: str, max_to_keep: int = 3, create: bool = True):
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
-    self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+    self.directory = checkpoint_dir(workdir)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return sorted(self._manager.all_steps())
 
   def save(self, state: train_state_lib.TrainState, meta: dict) -> None:
     step = int(jax.device_get(state.step))
@@ -49,7 +82,7 @@ class Checkpointer:
   def restore_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
-  def restore_model(self, step: int, abstract_model: dict) -> dict:
+  def restore_model(self, step: int, abstract_model: dict | None) -> dict:
     """Restores {'params', 'batch_stats'} into the shapes/shardings of `abstract_model`."""
     restored = self._manager.restore(
         step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract_model)))
@@ -76,3 +109,44 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedRun:
+  """A checkpoint chosen for evaluation: its step and metadata, and how to restore its model."""
+  workdir: str
+  step: int
+  meta: dict
+  checkpointer: Checkpointer
+
+  @property
+  def model_config(self) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(self.meta['model'])
+
+  @property
+  def config(self) -> ml_collections.ConfigDict:
+    """The pretraining config that wrote the checkpoint."""
+    return ml_collections.ConfigDict(self.meta['config'])
+
+
+def open_saved_run(workdir: str, step: int | None = None) -> SavedRun:
+  """The checkpoint of `step` (default: the latest) in `workdir`; UserError if there is none."""
+  if not os.path.isdir(workdir) and '://' not in workdir:
+    raise errors.UserError(f'--workdir={workdir} does not exist; give the --workdir of a '
+                           'pretraining run.')
+  checkpointer = Checkpointer(workdir, create=False)
+  steps = checkpointer.all_steps()
+  if not steps:
+    raise errors.UserError(f'No checkpoint in {checkpointer.directory}; pretrain first, or '
+                           'evaluate an untrained encoder with --config.random_init=True.')
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise errors.UserError(f'No checkpoint of step {step} in {checkpointer.directory}; '
+                           f'available steps: {", ".join(map(str, steps))}.')
+  meta = checkpointer.restore_meta(step)
+  if 'config' not in meta:
+    raise errors.UserError(f'The checkpoint of step {step} in {checkpointer.directory} was '
+                           'written by an older simclr_jax without its config; evaluate it with '
+                           'that version.')
+  return SavedRun(workdir, step, meta, checkpointer)

@@ -1,365 +1,184 @@
-"""TFDS input pipelines: pretraining batches (two views per image) and evaluation batches.
+"""The data API of pretraining and evaluation: open a split once, then draw global batches.
 
-Batches are host-local numpy dicts. Each process reads its own part of the split
-(`tfds.split_for_jax_process`), and all processes yield the same number of batches.
+`open_split(data_config, split)` reads what a split holds (examples, classes, image shape) once;
+the batch functions take that `Split` and only their own arguments, and yield global arrays on
+the mesh, ready for a jitted step:
 
-Pretraining position: step s is batch `s % steps_per_epoch` of epoch `s // steps_per_epoch`.
-Epoch e is a fresh pipeline whose file order and shuffle are fixed by (config.seed, e, process)
-and whose augmentation seeds are folded from (config.seed, e, example id, view), so
-`pretrain_batches(config, start_step=s)` yields the batches an uninterrupted run yields from step
-s on. The example id is a hash of the example's `tfds_id`, so views do not depend on the number of
-processes or on where the example sits in the shuffle.
+  pretrain_batches    what the train step consumes at each step, and `make_views`, the part of
+                      the step that turns it into two views per image;
+  eval_batches        every example once, evaluation views, padded, with a mask;
+  classifier_batches  labelled training batches with the light augmentation (crop + flip).
 
-Image sizes: pretraining at `config.image_size` larger than the dataset's stored images (when
-their shape is fixed, e.g. 28x28 Fashion-MNIST) is an error: every view would be an upsampled
-crop, costing compute without adding information. Random crops of a single image smaller than the
-target are fine (they are upsampled, as in the reference), and evaluation may upsample (e.g. a
-224-pixel encoder evaluated on 32x32 CIFAR-10).
+The source is `data_config.source`; 'tfds' reads with tf.data on each host
+(simclr_jax/tfds_data.py), which is the only module here that imports TensorFlow.
 
-Decoding: JPEG datasets (e.g. imagenet2012) are read encoded and each view decodes only its crop
-window (`tf.image.decode_and_crop_jpeg`); other images (PNG: fashion_mnist, cifar10) are decoded
-once per example, after the shuffle and after the examples skipped on resume.
+Steps and epochs (the official code's counting): training runs N * epochs // B + 1 steps with
+int(round(warmup_epochs * N // B)) warmup steps, and the data position of step s is batch
+s % (N // B) of epoch s // (N // B) (the incomplete last batch of an epoch is dropped), so a run
+resumed at step s sees exactly the batches an uninterrupted run sees.
 """
 
-from concurrent import futures
-import functools
-import itertools
-import os
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from absl import logging
 import jax
-import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
+import ml_collections
 
-from simclr_jax import augment as augment_lib
-from simclr_jax import prepare_data
+from simclr_jax import augment_device
+from simclr_jax import errors
+from simclr_jax import mesh as mesh_lib
 
-EVAL_CROP_FRACTION = 0.875
-_ID_BUCKETS = 2**62  # Hash range of example ids.
+SOURCES = ('tfds',)
 
 
-def num_examples(dataset, split, data_dir=None):
-  """Examples in `split` ('train', 'train+unlabelled', 'train[:90%]', ...) from TFDS metadata."""
-  return _split_info(load_builder(dataset, data_dir), split).num_examples
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One split of a dataset, opened once: what it holds, and the handle its source reads."""
+  config: ml_collections.ConfigDict  # The data settings it was opened with (`config.data`).
+  split: str
+  num_examples: int
+  num_classes: int | None            # None: the dataset has no labels.
+  image_shape: tuple                 # (H, W, C); H and W are None when images vary in size.
+  reader: Any                        # The source's handle (a TFDS builder).
+
+  @property
+  def name(self) -> str:
+    return f'{self.config.dataset} {self.split}'
 
 
-def num_classes(dataset, data_dir=None):
-  """Classes of the dataset's 'label' feature, or None when it has no labels."""
-  features = load_builder(dataset, data_dir).info.features
-  return features['label'].num_classes if 'label' in features else None
+def prepare(data_config: ml_collections.ConfigDict) -> None:
+  """Prepares data_config.dataset if needed (from local files, or a TFDS download).
 
-
-def steps_per_epoch(num_examples, global_batch_size):  # pylint: disable=redefined-outer-name
-  """Pretraining steps per epoch (the incomplete last batch is dropped)."""
-  return num_examples // global_batch_size
-
-
-def eval_steps(num_examples, global_batch_size):  # pylint: disable=redefined-outer-name
-  """Batches `eval_batches` yields per process: every example once, the last batch padded."""
-  return -(-num_examples // global_batch_size)
-
-
-def ensure_prepared(dataset, data_dir=None):
-  """Makes sure `dataset` is prepared in `data_dir`: nothing to do, local files, or a download.
-
-  Builds fashion_mnist from /usr/share/datasets/fashion-mnist when present; lets TFDS download
-  other registered datasets (cifar10, stl10, ...). Run it in one process per file system (TFDS
-  writes to a temporary folder and renames it, so a race only wastes work).
+  Call it on one process per file system first (distributed.process_0_first).
   """
-  builder = _builder(dataset, data_dir)
-  if builder.is_prepared():
-    return
-  if prepare_data.can_prepare_offline(dataset):
-    prepare_data.prepare(dataset, data_dir=data_dir)
-    return
-  logging.warning('%s is not prepared in %s: downloading it with TFDS. Without network access '
-                  'this fails after minutes of retries; to prepare it offline instead: %s',
-                  dataset, builder.data_dir, _prepare_command(dataset, data_dir))
-  try:
-    builder.download_and_prepare()
-  except Exception as e:  # pylint: disable=broad-except  # Network errors come in many types.
-    raise RuntimeError(
-        f'Could not download {dataset} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
-        f'prepare it offline: {_prepare_command(dataset, data_dir)}') from e
+  from simclr_jax import prepare_data  # pylint: disable=g-import-not-at-top  # Imports TensorFlow.
+  prepare_data.ensure_prepared(data_config.dataset, data_config.data_dir)
 
 
-def load_builder(dataset, data_dir=None):
-  """The TFDS builder of a prepared dataset with a uint8 'image' feature of 1 or 3 channels."""
-  builder = _builder(dataset, data_dir)
-  if not builder.is_prepared():
-    raise FileNotFoundError(f'{dataset} is not prepared in {builder.data_dir}; run: '
-                            f'{_prepare_command(dataset, data_dir)}')
-  features = builder.info.features
-  image = features['image'] if 'image' in features else None
-  if not isinstance(image, tfds.features.Image):
-    raise ValueError(f"{dataset} has no 'image' feature (it has {list(features)}); "
-                     'SimCLR needs an image dataset.')
-  if image.np_dtype != np.uint8 or image.shape[-1] not in (1, 3):
-    raise ValueError(f'{dataset} images are {image.np_dtype} {image.shape}; need uint8 images '
-                     'with 1 or 3 channels.')
-  return builder
+def open_split(data_config: ml_collections.ConfigDict, split: str) -> Split:
+  """Opens `split` of data_config.dataset, which must be prepared; raises UserError if unusable."""
+  if data_config.source not in SOURCES:
+    raise errors.UserError(f'Unknown data source {data_config.source!r}; expected one of '
+                           f'{SOURCES}.')
+  from simclr_jax import tfds_data  # pylint: disable=g-import-not-at-top  # Imports TensorFlow.
+  builder = tfds_data.load_builder(data_config.dataset, data_config.data_dir)
+  return Split(data_config, split, tfds_data.num_examples(builder, split),
+               tfds_data.num_classes(builder), builder.info.features['image'].shape, builder)
 
 
-def pretrain_batches(config, *, start_step=0, process_index=None, process_count=None):
-  """Endless iterator of {'views': float32 [b, 2, H, W, 3], 'label': int32 [b]} from start_step.
-
-  b = config.batch_size // process_count; label is -1 for datasets without labels. Rows i of
-  `views` are two views of one image. The first batch takes a few seconds (the shuffle buffer
-  fills); the next epoch's pipeline is built and started in a background thread.
-  """
-  process_index, process_count = _process(process_index, process_count)
-  local_batch = _local_batch_size(config.batch_size, process_count)
-  builder = load_builder(config.dataset, config.data_dir)
-  _check_pretrain_resolution(builder, config.image_size)
-  split_examples = _split_info(builder, config.train_split).num_examples
-  steps = steps_per_epoch(split_examples, config.batch_size)
-  if not steps:
-    raise ValueError(f'batch_size={config.batch_size} exceeds the {split_examples} examples of '
-                     f'{config.dataset} {config.train_split}.')
-  split = tfds.split_for_jax_process(config.train_split, process_index=process_index,
-                                     process_count=process_count)
-
-  def epoch_batches(epoch, skip_batches):
-    seed = _epoch_seed(config.seed, epoch, process_index)
-    ds = read_split(builder, split, shuffle_seed=seed)
-    ds = ds.shuffle(config.shuffle_buffer, seed=seed).take(steps * local_batch)
-    ds = ds.skip(skip_batches * local_batch)
-    ds = ds.map(pretrain_preprocess_fn(config, builder.info.features, epoch=epoch),
-                num_parallel_calls=tf.data.AUTOTUNE)
-    return _finish(ds.batch(local_batch, drop_remainder=True))
-
-  epoch, skip_batches = divmod(start_step, steps)
-  first = epoch_batches(epoch, skip_batches)  # Built here, so that config errors raise here.
-  return _epochs(first, epoch_batches, epoch + 1)
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Batches in one pass over the data (the incomplete last batch is dropped)."""
+  return num_examples // batch_size
 
 
-def eval_batches(config, split, *, batch_size, process_index=None, process_count=None,
-                 augment=False, epoch=None):
-  """Iterator of {'image': float32 [b, H, W, 3], 'label': int32 [b], 'mask': bool [b]}.
-
-  b = batch_size // process_count (batch_size is global). Yields `eval_steps(num_examples(...),
-  batch_size)` batches on every process; across processes every example of `split` appears
-  exactly once with mask True, the rest is zero padding with mask False.
-
-  epoch=None reads the split in a fixed order; an int reads that epoch's shuffled order (for
-  training a classifier, call once per epoch). augment=False gives the evaluation view (0.875
-  central crop); True gives the light training view (random crop + flip, no colour), seeded by
-  (config.seed, epoch or 0, example id).
-  """
-  process_index, process_count = _process(process_index, process_count)
-  local_batch = _local_batch_size(batch_size, process_count)
-  builder = load_builder(config.dataset, config.data_dir)
-  if 'label' not in builder.info.features:
-    raise ValueError(f"{config.dataset} has no 'label' feature, which evaluation needs; use a "
-                     'labelled dataset or split.')
-  steps = eval_steps(_split_info(builder, split).num_examples, batch_size)
-  shuffle_seed = None if epoch is None else _epoch_seed(config.seed, epoch, process_index)
-  ds = read_split(builder, tfds.split_for_jax_process(split, process_index=process_index,
-                                                      process_count=process_count),
-                  shuffle_seed=shuffle_seed)
-  if shuffle_seed is not None:
-    ds = ds.shuffle(config.shuffle_buffer, seed=shuffle_seed)
-  ds = ds.map(_eval_preprocess_fn(config, builder.info.features, augment=augment,
-                                  epoch=epoch or 0),
-              num_parallel_calls=tf.data.AUTOTUNE)
-  padding = tf.data.Dataset.from_tensors(
-      tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec))
-  ds = ds.concatenate(padding.repeat()).take(steps * local_batch)
-  return _finish(ds.batch(local_batch)).as_numpy_iterator()
+def train_steps(num_examples: int, batch_size: int, num_epochs: float,
+                num_train_steps: int = -1) -> int:
+  """num_train_steps if > 0, else the official N * epochs // B + 1."""
+  if num_train_steps > 0:
+    return num_train_steps
+  return int(num_examples * num_epochs // batch_size) + 1
 
 
-def split_labels(config, split):
-  """tfds_id and label of every example of `split`, in the split's fixed order."""
-  builder = load_builder(config.dataset, config.data_dir)
-  ds = read_split(builder, split).map(lambda ex: (ex['tfds_id'], ex['label']))
-  ids, labels = zip(*ds.batch(8192).as_numpy_iterator())
-  return np.concatenate(ids), np.concatenate(labels)
+def warmup_steps(num_examples: int, batch_size: int, warmup_epochs: float) -> int:
+  """The official int(round(warmup_epochs * N // B))."""
+  return int(round(warmup_epochs * num_examples // batch_size))
 
 
-def classifier_batches(config, split, *, batch_size, num_examples, tfds_ids=None):
-  """Endless training batches {'image', 'label'} (random crop + flip) of the labelled examples.
-
-  `tfds_ids`, if given, restricts training to those examples (a labelled fraction of `split`),
-  and `num_examples` is how many examples that leaves. Reshuffled every epoch; full batches only,
-  so BatchNorm in train mode never sees padding. Every process yields
-  steps_per_epoch(num_examples) batches per epoch, repeating its own examples when the labelled
-  subset gives it fewer than its share.
-  """
-  process_index, process_count = _process(None, None)
-  local_batch = _local_batch_size(batch_size, process_count)
-  builder = load_builder(config.dataset, config.data_dir)
-  shard = tfds.split_for_jax_process(split, process_index=process_index,
-                                     process_count=process_count)
-  preprocess = functools.partial(_eval_preprocess_fn, config, builder.info.features, augment=True)
-  examples_per_epoch = steps_per_epoch(num_examples, batch_size) * local_batch
-  labelled = None
-  if tfds_ids is not None:
-    labelled = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
-        tfds_ids, tf.ones(len(tfds_ids), tf.bool)), default_value=False)
-
-  for epoch in itertools.count():
-    seed = _epoch_seed(config.seed, epoch, process_index)
-    ds = read_split(builder, shard, shuffle_seed=seed)
-    if labelled is not None:
-      ds = ds.filter(lambda ex: labelled.lookup(ex['tfds_id']))
-    ds = ds.shuffle(config.shuffle_buffer, seed=seed).repeat().take(examples_per_epoch)
-    ds = ds.map(preprocess(epoch=epoch), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
-    yield from _finish(ds.batch(local_batch, drop_remainder=True)).as_numpy_iterator()
+def eval_steps(num_examples: int, batch_size: int) -> int:
+  """Batches of `eval_batches`: every example once, the last batch padded."""
+  return -(-num_examples // batch_size)
 
 
-def read_split(builder, split, *, shuffle_seed=None):
-  """Raw examples: encoded 'image', 'tfds_id' and the other features; shuffled files if seeded."""
-  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, add_tfds_id=True, skip_prefetch=True,
-                                try_autocache=False)
-  return builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None,
-                            decoders={'image': tfds.decode.SkipDecoding()},
-                            read_config=read_config)
-
-
-def pretrain_preprocess_fn(config, features, *, epoch):
-  """Maps a raw example of `read_split` to {'views': [2, H, W, 3], 'label'} for `epoch`.
-
-  With config.augment.on_device, colour distortion and blur are left to the accelerator.
-  """
-  decode = _decoder(features['image'])
-  on_device = config.augment.get('on_device', False)
-  view_kwargs = dict(
-      height=config.image_size, width=config.image_size,
-      color_strength=0 if on_device else config.augment.color_strength,
-      blur_probability=0 if on_device else config.augment.blur_probability,
-      brightness=config.augment.brightness)
-
-  def preprocess(example):
-    image = decode(example['image'])
-    seed = _example_seed(config.seed, epoch, example['tfds_id'])
-    views = [augment_lib.random_view(image, _fold_in(seed, v), **view_kwargs) for v in range(2)]
-    return {'views': tf.stack(views), 'label': _label(example)}
-
-  return preprocess
-
-
-def _eval_preprocess_fn(config, features, *, augment, epoch):
-  decode = _decoder(features['image'])
-  size = dict(height=config.image_size, width=config.image_size)
-
-  def preprocess(example):
-    image = decode(example['image'])
-    if augment:
-      seed = _fold_in(_example_seed(config.seed, epoch, example['tfds_id']), 0)
-      view = augment_lib.random_view(image, seed, color_strength=0, blur_probability=0, **size)
-    else:
-      view = augment_lib.eval_view(image, crop_fraction=EVAL_CROP_FRACTION, **size)
-    return {'image': view, 'label': _label(example), 'mask': tf.constant(True)}
-
-  return preprocess
-
-
-def _epochs(first, epoch_batches, next_epoch):
-  """Numpy batches of `first`, then of epochs next_epoch, next_epoch + 1, ...
-
-  While one epoch is consumed, the next one is built and its first batch computed in a
-  background thread, so epoch boundaries do not stall on the shuffle buffer.
-  """
-  def start(ds):
-    batches = ds.as_numpy_iterator()
-    return itertools.chain([next(batches)], batches)
-
-  pool = futures.ThreadPoolExecutor(1)
-  try:
-    upcoming = pool.submit(start, first)
-    for epoch in itertools.count(next_epoch):
-      current = upcoming.result()
-      upcoming = pool.submit(lambda e=epoch: start(epoch_batches(e, 0)))
-      yield from current
-  finally:  # No join: a generator may be closed by the garbage collector on any thread.
-    pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _finish(ds):
-  options = tf.data.Options()
-  options.deterministic = True
-  options.threading.private_threadpool_size = _num_cpus()
-  options.threading.max_intra_op_parallelism = 1
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
-
-
-def _num_cpus():
-  if hasattr(os, 'sched_getaffinity'):
-    return len(os.sched_getaffinity(0))
-  return os.cpu_count()
-
-
-def _decoder(image_feature):
-  """JPEGs stay encoded (views decode their crop windows); other images are decoded here."""
-  if image_feature.encoding_format == 'jpeg':
-    return lambda encoded: encoded
-  return image_feature.decode_example
-
-
-def _label(example):
-  return tf.cast(example.get('label', -1), tf.int32)
-
-
-def _epoch_seed(seed, epoch, process_index):
-  """File order and shuffle seed of one process's epoch."""
-  return int(np.random.SeedSequence([seed, epoch, process_index]).generate_state(1)[0])
-
-
-def _example_seed(seed, epoch, tfds_id):
-  key = tf.constant([seed, epoch], tf.int64)
-  return _fold_in(key, tf.strings.to_hash_bucket_fast(tfds_id, _ID_BUCKETS))
-
-
-def _fold_in(seed, data):
-  return tf.random.experimental.stateless_fold_in(seed, tf.cast(data, tf.int64))
-
-
-def _builder(dataset, data_dir):
-  try:
-    return tfds.builder(dataset, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
-    raise ValueError(f'Unknown dataset {dataset!r}: not a TFDS dataset, nor prepared in '
-                     f'{data_dir or tfds.core.constants.DATA_DIR}. To build one from local files: '
-                     f'{_prepare_command(dataset, data_dir)}') from None
-
-
-def _prepare_command(dataset, data_dir):
-  """The command that prepares `dataset` offline (or, for other TFDS datasets, with internet)."""
-  if dataset in prepare_data.BUILDERS or dataset not in tfds.list_builders():
-    return prepare_data.command(dataset, data_dir)
-  flag = f' --data_dir={data_dir}' if data_dir else ''
-  return f'tfds build {dataset}{flag} (needs internet; or copy a prepared data_dir here)'
-
-
-def _split_info(builder, split):
-  try:
-    return builder.info.splits[split]
-  except (KeyError, ValueError) as e:
-    raise ValueError(f'{builder.name} has no split {split!r} ({str(e).splitlines()[0]}). '
-                     f'Available splits: {", ".join(builder.info.splits)}; expressions such as '
-                     "'train[:90%]' or 'train+test' work too.") from None
-
-
-def _check_pretrain_resolution(builder, image_size):
-  height, width, _ = builder.info.features['image'].shape
+def check_pretrain_split(split: Split, batch_size: int) -> None:
+  """Raises UserError when `split` cannot feed pretraining at data_config.image_size."""
+  height, width, _ = split.image_shape
+  image_size = split.config.image_size
   if height and width and image_size > max(height, width):
-    raise ValueError(f'config.image_size={image_size} exceeds the {height}x{width} images of '
-                     f'{builder.name}: every view would be upsampled. Use '
-                     f'--config.image_size={max(height, width)} or less.')
+    raise errors.UserError(
+        f'config.data.image_size={image_size} exceeds the {height}x{width} images of '
+        f'{split.config.dataset}: every view would be upsampled. Use '
+        f'--config.data.image_size={max(height, width)} or less.')
+  if not steps_per_epoch(split.num_examples, batch_size):
+    raise errors.UserError(f'batch_size={batch_size} exceeds the {split.num_examples} examples '
+                           f'of {split.name}.')
 
 
-def _process(process_index, process_count):
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} is not in [0, {process_count}).')
-  return process_index, process_count
+def check_labelled(split: Split, purpose: str) -> None:
+  if split.num_classes is None:
+    raise errors.UserError(f'{split.config.dataset} has no labels, which {purpose} needs; use a '
+                           'labelled dataset or split.')
 
 
-def _local_batch_size(batch_size, process_count):
-  if batch_size % process_count:
-    raise ValueError(f'Batch size {batch_size} is not divisible by the {process_count} '
-                     f'processes; use a multiple of {process_count}.')
-  return batch_size // process_count
+def pretrain_batches(split: Split, mesh: jax.sharding.Mesh, *, seed: int, batch_size: int,
+                     start_step: int = 0) -> Iterator[dict]:
+  """The inputs of steps start_step + 1, start_step + 2, ...: global arrays on `mesh`.
+
+  tfds: {'views': float32 [B, 2, H, W, 3], 'label': int32 [B]} made on the hosts, -1 without
+  labels; rows i of `views` are two views of one image.
+  """
+  from simclr_jax import tfds_data  # pylint: disable=g-import-not-at-top
+  batches = tfds_data.pretrain_batches(split, seed=seed, batch_size=batch_size,
+                                       start_step=start_step)
+  return mesh_lib.prefetch_to_device(batches, mesh, split.config.prefetch_batches)
+
+
+def make_views(split: Split) -> Callable[[dict, jax.Array], tuple[jax.Array, jax.Array]]:
+  """The device part of view making, inside the jitted step: (batch, key) -> (views, labels).
+
+  views are float32 [B, 2, H, W, 3]; `key` is the step's key. With augment.on_device the host
+  only crops and flips, and colour distortion and blur run here.
+  """
+  augment = split.config.augment
+  if host_color_augmentation(split.config):
+    return lambda batch, key: (batch['views'], batch['label'])
+
+  def device_augmented(batch, key):
+    views = augment_device.augment_views(
+        batch['views'], key, color_strength=augment.color_strength,
+        blur_probability=augment.blur_probability, brightness=augment.brightness)
+    return views, batch['label']
+
+  return device_augmented
+
+
+def host_color_augmentation(data_config: ml_collections.ConfigDict) -> bool:
+  """Whether the host applies colour distortion and blur (else the step does)."""
+  return not data_config.augment.on_device
+
+
+def eval_batches(split: Split, mesh: jax.sharding.Mesh, *, batch_size: int, seed: int = 0,
+                 augment: bool = False, epoch: int | None = None) -> Iterator[dict]:
+  """{'image': float32 [B, H, W, 3], 'label': int32 [B], 'mask': bool [B]}, global arrays.
+
+  `eval_steps(num_examples, batch_size)` batches: every example of the split once with mask True,
+  then zero padding with mask False. epoch=None reads in a fixed order, an int reads that epoch's
+  shuffled order; augment=True gives the light training view (crop + flip) seeded by
+  (seed, epoch), False the evaluation view.
+  """
+  check_labelled(split, 'evaluation')
+  from simclr_jax import tfds_data  # pylint: disable=g-import-not-at-top
+  batches = tfds_data.eval_batches(split, batch_size=batch_size, seed=seed, augment=augment,
+                                   epoch=epoch)
+  return mesh_lib.prefetch_to_device(batches, mesh, split.config.prefetch_batches)
+
+
+def example_labels(split: Split):
+  """(example ids, labels) of every example of the split, in a fixed order."""
+  check_labelled(split, 'choosing a labelled subset')
+  from simclr_jax import tfds_data  # pylint: disable=g-import-not-at-top
+  return tfds_data.example_labels(split)
+
+
+def classifier_batches(split: Split, mesh: jax.sharding.Mesh, *, seed: int, batch_size: int,
+                       example_ids=None) -> Iterator[dict]:
+  """Endless {'image', 'label'} training batches (crop + flip), reshuffled every epoch.
+
+  `example_ids` (from `example_labels`), if given, restricts training to those examples; every
+  epoch has steps_per_epoch(number of examples, batch_size) full batches.
+  """
+  check_labelled(split, 'training a classifier')
+  from simclr_jax import tfds_data  # pylint: disable=g-import-not-at-top
+  batches = tfds_data.classifier_batches(split, seed=seed, batch_size=batch_size,
+                                         example_ids=example_ids)
+  return mesh_lib.prefetch_to_device(batches, mesh, split.config.prefetch_batches)

@@ -10,28 +10,27 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import jax
-from absl import flags, logging
+from absl import logging
 from jax.experimental import multihost_utils
+
+from simclr_jax import errors
 
 _T = TypeVar('_T')
 
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'host:port of process 0, for GPU clusters or local processes.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Total number of processes.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index, 0..num_processes-1.')
-_MULTIHOST = flags.DEFINE_bool(
-    'multihost', False,
-    'Call jax.distributed.initialize() with no arguments (Cloud TPU pods, Slurm). '
-    'Also enabled by the environment variable SIMCLR_MULTIHOST=1.')
 
+def initialize(*, coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, multihost: bool = False) -> None:
+  """Initialises jax.distributed when asked to; must run before any device is touched.
 
-def initialize_from_flags() -> None:
-  """Initialises jax.distributed when asked to; must run before any device is touched."""
-  if _COORDINATOR.value is not None:
-    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
-      raise ValueError('--coordinator_address needs --num_processes and --process_id.')
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif _MULTIHOST.value or os.environ.get('SIMCLR_MULTIHOST') == '1':
+  With `coordinator_address` (GPU clusters, local processes) every process passes the same
+  address and count and its own id; `multihost` (or SIMCLR_MULTIHOST=1) lets JAX read the
+  topology itself (Cloud TPU pods, Slurm). Otherwise this is a single-process run.
+  """
+  if coordinator_address is not None:
+    if num_processes is None or process_id is None:
+      raise errors.UserError('--coordinator_address needs --num_processes and --process_id.')
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif multihost or os.environ.get('SIMCLR_MULTIHOST') == '1':
     jax.distributed.initialize()
   if jax.process_count() > 1:
     exit_at_once_on_uncaught_exception()

@@ -7,6 +7,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from simclr_jax import errors
+
 DATA_AXIS = 'data'
 
 
@@ -31,9 +33,11 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def check_global_batch_size(batch_size: int, mesh: Mesh) -> None:
   """Raises before any compute if `batch_size` cannot be split over devices and processes."""
   num_devices, num_processes = mesh.devices.size, jax.process_count()
+  if batch_size <= 0:
+    raise errors.UserError(f'batch_size must be positive, got {batch_size}.')
   for count, what in ((num_devices, 'devices'), (num_processes, 'processes')):
     if batch_size % count:
-      raise ValueError(
+      raise errors.UserError(
           f'Global batch size {batch_size} is not divisible by the {count} {what}; '
           f'set --config.batch_size to a multiple of {num_devices}.')
 
@@ -46,7 +50,8 @@ def to_global(local_batch: dict, mesh: Mesh) -> dict:
 
 
 def prefetch_to_device(batches: Iterable[dict], mesh: Mesh, size: int = 2) -> Iterator[dict]:
-  """Keeps `size` global batches in flight; transfers are async, so they overlap compute."""
+  """Global arrays of the host-local `batches`, `size` of them in flight (transfers are async,
+  so they overlap compute)."""
   queue = collections.deque()
   iterator = iter(batches)
   for batch in iterator:

@@ -5,21 +5,9 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
-
-
-# Metrics reported as the value of the last step of a logging interval, not the mean.
-_LAST_VALUE_METRICS = ('learning_rate',)
-
-
-def summarise(pending: list[dict]) -> dict:
-  """Host-side means of the per-step metrics of a logging interval (one device->host copy)."""
-  stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *pending))
-  return {k: float(v[-1] if k in _LAST_VALUE_METRICS else np.mean(v))
-          for k, v in stacked.items()}
 
 
 def _to_python(value):

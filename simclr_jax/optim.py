@@ -46,3 +46,16 @@ def learning_rate_schedule(base_learning_rate, batch_size, num_train_steps, warm
   if warmup_steps >= num_train_steps:  # Short runs never leave the warmup, as in the official code.
     return optax.linear_schedule(0.0, peak, warmup_steps)
   return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, num_train_steps)
+
+
+def not_batchnorm_mask(params, batch_stats):
+  """True for the leaves of `params` outside BatchNorm layers (the modules with batch_stats)."""
+  def outside_batchnorm(path, _):
+    node = batch_stats
+    for key in path[:-1]:
+      name = getattr(key, 'key', getattr(key, 'name', None))
+      if not isinstance(node, dict) or name not in node:
+        return True
+      node = node[name]
+    return False
+  return jax.tree_util.tree_map_with_path(outside_batchnorm, params)

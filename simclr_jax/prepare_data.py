@@ -22,11 +22,14 @@ import pickle
 import tarfile
 
 from absl import app
+from absl import logging
 from absl import flags
 from etils import epath
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from simclr_jax import errors
 
 DEFAULT_SOURCES = {'fashion_mnist': '/usr/share/datasets/fashion-mnist'}
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif')
@@ -71,6 +74,44 @@ def command(name, data_dir=None):
   source = '' if can_prepare_offline(name) else f' --source={_source_example(name)}'
   data_dir = f' --data_dir={data_dir}' if data_dir else ''
   return f'python -m simclr_jax.prepare_data {name}{source}{data_dir}'
+
+
+def ensure_prepared(dataset, data_dir=None):
+  """Makes sure `dataset` is prepared in `data_dir`: nothing to do, local files, or a download.
+
+  Builds fashion_mnist from /usr/share/datasets/fashion-mnist when present; lets TFDS download
+  other registered datasets (cifar10, stl10, ...). Run it in one process per file system (TFDS
+  writes to a temporary folder and renames it, so a race only wastes work).
+  """
+  try:
+    builder = tfds.builder(dataset, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise errors.UserError(
+        f'Unknown dataset {dataset!r}: not a TFDS dataset, nor prepared in '
+        f'{data_dir or tfds.core.constants.DATA_DIR}. To build one from local files: '
+        f'{download_command(dataset, data_dir)}') from None
+  if builder.is_prepared():
+    return
+  if can_prepare_offline(dataset):
+    prepare(dataset, data_dir=data_dir)
+    return
+  logging.warning('%s is not prepared in %s: downloading it with TFDS. Without network access '
+                  'this fails after minutes of retries; to prepare it offline instead: %s',
+                  dataset, builder.data_dir, download_command(dataset, data_dir))
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # pylint: disable=broad-except  # Network errors come in many types.
+    raise errors.UserError(
+        f'Could not download {dataset} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
+        f'prepare it offline: {download_command(dataset, data_dir)}') from e
+
+
+def download_command(dataset, data_dir):
+  """The command that prepares `dataset` offline (or, for other TFDS datasets, with internet)."""
+  if dataset in BUILDERS or dataset not in tfds.list_builders():
+    return command(dataset, data_dir)
+  flag = f' --data_dir={data_dir}' if data_dir else ''
+  return f'tfds build {dataset}{flag} (needs internet; or copy a prepared data_dir here)'
 
 
 def _store(name, version, features, split_examples, data_dir, **info):

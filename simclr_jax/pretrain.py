@@ -1,17 +1,17 @@
-"""SimCLR pretraining: the jitted train step and the loop around it."""
+"""SimCLR pretraining: the jitted train step, its setup, and the run around it."""
 
+import dataclasses
 import functools
 import signal
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from etils import epath
 
-from simclr_jax import augment_device
 from simclr_jax import checkpointing
 from simclr_jax import data
 from simclr_jax import distributed
@@ -20,28 +20,8 @@ from simclr_jax import mesh as mesh_lib
 from simclr_jax import metrics_writer
 from simclr_jax import models
 from simclr_jax import optim
+from simclr_jax import train_loop
 from simclr_jax import train_state as train_state_lib
-
-def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-  if config.num_train_steps > 0:
-    return config.num_train_steps
-  return int(config.num_epochs * steps_per_epoch)
-
-
-def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int):
-  """LARS with the paper's warmup + cosine schedule; returns (tx, schedule)."""
-  schedule = optim.learning_rate_schedule(
-      config.learning_rate, config.batch_size, total_steps,
-      warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)),
-      scaling=config.learning_rate_scaling)
-  tx = optim.lars(schedule, config.weight_decay, momentum=config.momentum)
-  return tx, schedule
-
-
-def run_metadata(config: ml_collections.ConfigDict, num_classes: int) -> dict:
-  """What a checkpoint must agree with to be restored (and what evaluation rebuilds from)."""
-  return {'model': config.model.to_dict(), 'image_size': config.image_size,
-          'num_classes': num_classes, 'dataset': config.dataset}
 
 
 def probe_loss_and_metrics(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
@@ -56,15 +36,11 @@ def probe_loss_and_metrics(logits: jax.Array, labels: jax.Array) -> tuple[jax.Ar
 
 
 def train_step(state: train_state_lib.TrainState, batch: dict, *, model, tx, schedule,
-               temperature: float, similarity: str, augment_views=None):
-  """One SimCLR update on a global batch {'views': [B, 2, H, W, 3], 'label': [B]}.
-
-  `augment_views(views, key)`, if given, augments the views on device with a key of this step.
-  """
-  views = batch['views']
-  if augment_views is not None:
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    views = augment_views(views, key)
+               temperature: float, similarity: str, make_views: Callable):
+  """One SimCLR update on a global batch; `make_views(batch, key)` gives (views [B, 2, H, W, 3],
+  labels [B]) with the key of this step (see data.make_views)."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  views, labels = make_views(batch, key)
   num_images = views.shape[0]
   # Interleaved views (rows 2i, 2i+1 = image i): one encoder pass, BatchNorm over both views.
   images = views.reshape((2 * num_images,) + views.shape[2:])
@@ -77,18 +53,23 @@ def train_step(state: train_state_lib.TrainState, batch: dict, *, model, tx, sch
         z[:, 0], z[:, 1], temperature, similarity=similarity)
     metrics = {'loss': loss, **metrics}
     if 'probe_logits' in outputs:
-      probe_loss, probe_metrics = probe_loss_and_metrics(
-          outputs['probe_logits'], jnp.repeat(batch['label'], 2))
+      probe_loss, probe_metrics = probe_loss_and_metrics(outputs['probe_logits'],
+                                                         jnp.repeat(labels, 2))
       loss += probe_loss  # The probe sees stop_gradient(h): encoder gradients are unchanged.
       metrics.update(probe_metrics)
     return loss, (metrics, updates['batch_stats'])
 
   grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  state, learning_rate = apply_gradients(state, grads, batch_stats, tx=tx, schedule=schedule)
+  return state, {**metrics, 'learning_rate': learning_rate}
+
+
+def apply_gradients(state: train_state_lib.TrainState, grads, batch_stats, *, tx, schedule):
+  """The optimizer update of `state`; returns (new state, learning rate of this step)."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  metrics['learning_rate'] = schedule(state.step)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             batch_stats=batch_stats, opt_state=opt_state)
-  return new_state, metrics
+  return new_state, schedule(state.step)
 
 
 @jax.jit
@@ -96,32 +77,58 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
-def make_train_step(config: ml_collections.ConfigDict, model, tx, schedule,
-                    mesh: jax.sharding.Mesh):
-  """`train_step` jitted on `mesh`: replicated state (donated), batch sharded over `data`."""
-  augment_views = None
-  if config.augment.get('on_device', False):
-    augment_views = functools.partial(
-        augment_device.augment_views, color_strength=config.augment.color_strength,
-        blur_probability=config.augment.blur_probability, brightness=config.augment.brightness)
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything a pretraining run (or a benchmark of its step) is built from."""
+  config: ml_collections.ConfigDict
+  split: data.Split
+  mesh: jax.sharding.Mesh
+  model: models.SimCLRModel
+  num_classes: int                  # Of the online probe; 0 without it.
+  steps_per_epoch: int              # Of the data position.
+  total_steps: int
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+  create_state: Callable            # jitted rng -> replicated TrainState.
+  step_fn: Callable                 # jitted (state, batch) -> (state, metrics); donates state.
+
+  def abstract_state(self) -> train_state_lib.TrainState:
+    """The state's shapes and dtypes, replicated on the mesh (for restoring)."""
+    return checkpointing.abstract_like(
+        jax.eval_shape(self.create_state, jax.random.key(self.config.seed)),
+        mesh_lib.replicated(self.mesh))
+
+
+def build(config: ml_collections.ConfigDict, split: data.Split,
+          mesh: jax.sharding.Mesh) -> Setup:
+  """The model, optimizer and jitted functions of pretraining on `split`, compiled lazily."""
+  mesh_lib.check_global_batch_size(config.batch_size, mesh)
+  data.check_pretrain_split(split, config.batch_size)
+  # The online probe needs labels; unlabelled datasets train without it.
+  num_classes = (split.num_classes or 0) if config.online_probe else 0
+  model = models.create_model(config.model, num_classes=num_classes)
+  total_steps = data.train_steps(split.num_examples, config.batch_size, config.num_epochs,
+                                 config.num_train_steps)
+  schedule = optim.learning_rate_schedule(
+      config.learning_rate, config.batch_size, total_steps,
+      warmup_steps=data.warmup_steps(split.num_examples, config.batch_size,
+                                     config.warmup_epochs),
+      scaling=config.learning_rate_scaling)
+  tx = optim.lars(schedule, config.weight_decay, momentum=config.momentum)
   replicated = mesh_lib.replicated(mesh)
-  return jax.jit(
+  create_state = jax.jit(
+      functools.partial(train_state_lib.create_train_state, model, tx,
+                        image_size=config.data.image_size),
+      out_shardings=replicated)
+  step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                         temperature=config.temperature, similarity=config.similarity,
-                        augment_views=augment_views),
+                        make_views=data.make_views(split)),
       in_shardings=(replicated, mesh_lib.batch_sharded(mesh)),
       out_shardings=(replicated, replicated), donate_argnums=(0,))
-
-
-def _check_compatible(checkpointer: checkpointing.Checkpointer, step: int, meta: dict,
-                      workdir: str) -> None:
-  saved = checkpointer.restore_meta(step)
-  differences = [k for k in meta if k != 'dataset' and saved.get(k) != meta[k]]
-  if differences:
-    details = '; '.join(f'{k}: checkpoint {saved.get(k)!r} vs config {meta[k]!r}'
-                        for k in differences)
-    raise ValueError(f'{workdir} holds a checkpoint (step {step}) of a different setup ({details}).'
-                     ' Use a new --workdir, or the config that wrote it.')
+  return Setup(config, split, mesh, model, num_classes,
+               data.steps_per_epoch(split.num_examples, config.batch_size), total_steps,
+               schedule, tx, create_state, step_fn)
 
 
 class _StopRequest:
@@ -158,81 +165,65 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       mesh: jax.sharding.Mesh | None = None) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str,
+        mesh: jax.sharding.Mesh | None = None) -> dict:
   """Pretrains (or resumes) in `workdir` on `mesh` (all devices by default).
 
   Returns the last logged metrics.
   """
   mesh = mesh or mesh_lib.create_mesh()
   mesh_lib.check_global_batch_size(config.batch_size, mesh)
-  distributed.process_0_first(data.ensure_prepared, config.dataset, config.data_dir)
-  num_examples = data.num_examples(config.dataset, config.train_split, config.data_dir)
-  steps_per_epoch = data.steps_per_epoch(num_examples, config.batch_size)
-  total_steps = total_train_steps(config, steps_per_epoch)
-  # The online probe needs labels; unlabelled datasets (num_classes None) train without it.
-  num_classes = 0
-  if config.online_probe:
-    num_classes = data.num_classes(config.dataset, config.data_dir) or 0
-
-  model = models.create_model(config.model, num_classes=num_classes)
-  tx, schedule = create_optimizer(config, steps_per_epoch, total_steps)
-  meta = run_metadata(config, num_classes)
+  distributed.process_0_first(data.prepare, config.data)
+  setup = build(config, data.open_split(config.data, config.data.train_split), mesh)
+  meta = checkpointing.run_metadata(config, setup.num_classes)
   checkpointer = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   latest = checkpointer.latest_step()
   if latest is not None:
-    _check_compatible(checkpointer, latest, meta, workdir)
+    checkpointing.check_resumable(checkpointer.restore_meta(latest), meta, latest, workdir)
   if jax.process_index() == 0:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
 
-  replicated = mesh_lib.replicated(mesh)
-  create_state = functools.partial(train_state_lib.create_train_state, model, tx,
-                                   image_size=config.image_size)
-  rng = jax.random.key(config.seed)
   with jax.set_mesh(mesh):
     if latest is None:
-      state = jax.jit(create_state, out_shardings=replicated)(rng)
+      state = setup.create_state(jax.random.key(config.seed))
     else:
-      abstract = checkpointing.abstract_like(jax.eval_shape(create_state, rng), replicated)
-      state = checkpointer.restore(latest, abstract)
-      logging.info('Resumed from %s at step %d.', checkpointing.checkpoint_dir(workdir), latest)
+      state = checkpointer.restore(latest, setup.abstract_state())
+      logging.info('Resumed from %s at step %d.', checkpointer.directory, latest)
     start_step = int(jax.device_get(state.step))
-
-    step_fn = make_train_step(config, model, tx, schedule, mesh)
-    batches = mesh_lib.prefetch_to_device(
-        data.pretrain_batches(config, start_step=start_step), mesh, config.prefetch_batches)
+    batches = data.pretrain_batches(setup.split, mesh, seed=config.seed,
+                                    batch_size=config.batch_size, start_step=start_step)
     writer = metrics_writer.MetricWriter(workdir)
-    progress = metrics_writer.Progress(start_step, total_steps, config.batch_size)
+    progress = metrics_writer.Progress(start_step, setup.total_steps, config.batch_size)
     logging.info('Training steps %d..%d (%d per epoch), global batch %d on %d devices.',
-                 start_step, total_steps, steps_per_epoch, config.batch_size, mesh.devices.size)
+                 start_step, setup.total_steps, setup.steps_per_epoch, config.batch_size,
+                 mesh.devices.size)
 
-    record, pending = {}, []
+    def log(step, record):
+      record.update(progress.update(step), epoch=step / setup.steps_per_epoch)
+      writer.write(step, record)
+      metrics_writer.log_progress(step, setup.total_steps, record)
+
+    def save(step, state):
+      if not all_finite(state.params):
+        raise FloatingPointError(
+            f'Parameters are not finite after step {step}; not checkpointing. The last good '
+            f'checkpoint is step {checkpointer.latest_step()}.')
+      checkpointer.save(state, meta)
+
+    def non_finite_message(step, loss):
+      return (f'Loss is {loss} at step {step}; stopping. The last good checkpoint is step '
+              f'{checkpointer.latest_step()} in {checkpointer.directory}.')
+
     with _StopRequest() as stop:
-      for step in range(start_step + 1, total_steps + 1):
-        state, metrics = step_fn(state, next(batches))
-        pending.append(metrics)
-        is_last = step == total_steps
-        stopping = stop.requested or checkpointer.reached_preemption(step)
-        if step % config.log_every_steps == 0 or is_last or stopping:
-          record = metrics_writer.summarise(pending)
-          pending = []
-          if not np.isfinite(record['loss']):
-            raise FloatingPointError(
-                f'Loss is {record["loss"]} at step {step}; stopping. The last good checkpoint '
-                f'is step {checkpointer.latest_step()} in {checkpointing.checkpoint_dir(workdir)}.')
-          record.update(progress.update(step), epoch=step / steps_per_epoch)
-          writer.write(step, record)
-          metrics_writer.log_progress(step, total_steps, record)
-        if step % config.checkpoint_every_steps == 0 or is_last or stopping:
-          if not all_finite(state.params):
-            raise FloatingPointError(
-                f'Parameters are not finite after step {step}; not checkpointing. The last good '
-                f'checkpoint is step {checkpointer.latest_step()}.')
-          checkpointer.save(state, meta)
-        if stopping:
-          logging.warning('Stopped at step %d; rerun the same command to resume.', step)
-          break
+      result = train_loop.run(
+          state, setup.step_fn, batches, first_step=start_step + 1,
+          last_step=setup.total_steps, log_every_steps=config.log_every_steps, on_log=log,
+          non_finite_message=non_finite_message,
+          actions=(train_loop.Periodic(config.checkpoint_every_steps, save),),
+          should_stop=lambda step: stop.requested or checkpointer.reached_preemption(step))
+    if result.stopped_at is not None:
+      logging.warning('Stopped at step %d; rerun the same command to resume.', result.stopped_at)
   checkpointer.wait_until_finished()
   checkpointer.close()
-  return record
+  return result.record

@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 from ml_collections import config_flags
 
 from simclr_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax import tfds_data  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config whose views to draw.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run whose curves to draw.')
@@ -38,10 +39,11 @@ def read_jsonl(path: str) -> list[dict]:
 
 def originals_and_views(config, num_images):
   """The first `num_images` examples: [(original uint8 [H, W, C], views float32 [2, h, w, 3])]."""
-  builder = data.load_builder(config.dataset, config.data_dir)
-  image_feature = builder.info.features['image']
-  preprocess = data.pretrain_preprocess_fn(config, builder.info.features, epoch=0)
-  ds = data.read_split(builder, config.train_split).take(num_images).map(
+  split = data.open_split(config.data, config.data.train_split)
+  image_feature = split.reader.info.features['image']
+  preprocess = tfds_data.pretrain_preprocess_fn(config.data, split.reader.info.features,
+                                                seed=config.seed, epoch=0)
+  ds = tfds_data.read_split(split.reader, split.split).take(num_images).map(
       lambda example: (image_feature.decode_example(example['image']),
                        preprocess(example)['views']))
   return list(ds.as_numpy_iterator())
@@ -101,7 +103,7 @@ def main(argv):
   if _WORKDIR.value is not None:
     plot_curves(_WORKDIR.value, _OUT.value)
   else:
-    data.ensure_prepared(_CONFIG.value.dataset, _CONFIG.value.data_dir)
+    data.prepare(_CONFIG.value.data)
     plot_grid(originals_and_views(_CONFIG.value, _NUM_IMAGES.value), _OUT.value)
   print(f'Wrote {_OUT.value}')
 

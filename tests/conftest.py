@@ -4,6 +4,7 @@ Tests that need one device build a mesh over `jax.devices()[:1]`; tests that com
 counts build meshes over 1, 2, 4 or 8 of these devices in the same process.
 """
 
+import contextlib
 import os
 import sys
 
@@ -41,6 +42,24 @@ def store_tiny_dataset(data_dir, num_train=96, num_test=32, seed=0, name=TINY_DA
   return data_dir
 
 
+@contextlib.contextmanager
+def count_compilations():
+  """Yields a list that collects one entry per XLA compilation made inside the block."""
+  import jax.monitoring
+  compilations = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == '/jax/core/compile/backend_compile_duration':
+      compilations.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield compilations
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
 @pytest.fixture(scope='module')
 def fast_compiles():
   """Most XLA optimisations off: compiles are ~10x faster and results stay exact."""
@@ -57,12 +76,14 @@ def tiny_data_dir(tmp_path_factory):
 
 
 def tiny_pretrain_config(data_dir, **overrides):
-  """configs/default.py shrunk to a ResNet-18 of width 1/8 on the tiny dataset."""
+  """configs/default.py shrunk to a ResNet-18 of width 1/8 on the tiny dataset; `overrides` are
+  flattened field names ('batch_size', 'data.dataset', ...)."""
   from configs import default
   config = default.get_config()
-  config.update(dict(dataset=TINY_DATASET, data_dir=data_dir, image_size=TINY_IMAGE_SIZE,
-                     batch_size=16, shuffle_buffer=32, num_train_steps=4, log_every_steps=1,
+  config.data.update(dict(dataset=TINY_DATASET, data_dir=data_dir, image_size=TINY_IMAGE_SIZE,
+                          shuffle_buffer=32))
+  config.update(dict(batch_size=16, num_train_steps=4, log_every_steps=1,
                      checkpoint_every_steps=2, warmup_epochs=0.5))
   config.model.width_multiplier = 0.125
-  config.update(overrides)
+  config.update_from_flattened_dict(overrides)
   return config

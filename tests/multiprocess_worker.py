@@ -22,11 +22,12 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from simclr_jax import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _MODE = flags.DEFINE_enum('mode', None, ['exit', 'fail', 'wait', 'raise'], 'What to do.')
 _OUT = flags.DEFINE_string('out', None, 'Directory for process_<i>.json.')
 _EXTRA = flags.DEFINE_string('extra', None, 'Recorded as given.')
+cli.define_flags()
 
 
 def main(argv):
@@ -57,7 +58,7 @@ def main(argv):
   if _MODE.value in ('fail', 'wait'):
     time.sleep(600)
   if _MODE.value == 'raise':
-    distributed.initialize_from_flags()
+    cli.initialize_distributed()
     import jax  # pylint: disable=g-import-not-at-top
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices('both started')

@@ -1,4 +1,5 @@
-"""Tests of the TFDS input pipelines (simclr_jax/data.py) on tiny datasets in a temporary dir."""
+"""The data API (simclr_jax/data.py) and the tfds source (simclr_jax/tfds_data.py) on tiny datasets
+in a temporary dir."""
 
 import numpy as np
 import pytest
@@ -6,6 +7,8 @@ import tensorflow_datasets as tfds
 
 from configs import default
 from simclr_jax import data
+from simclr_jax import errors
+from simclr_jax import tfds_data
 
 NUM_TRAIN, NUM_TEST, BATCH = 48, 13, 8
 
@@ -40,12 +43,22 @@ def data_dir(tmp_path_factory):
   return path
 
 
-def _config(data_dir, **overrides):
-  config = default.get_config()
-  config.update(dict(dataset='tiny_images', data_dir=data_dir, image_size=16, batch_size=BATCH,
-                     shuffle_buffer=16))
-  config.update(overrides)
+def _data_config(data_dir, **overrides):
+  config = default.get_data_config()
+  config.update(dict(dataset='tiny_images', data_dir=data_dir, image_size=16, shuffle_buffer=16))
+  config.update_from_flattened_dict(overrides)
   return config
+
+
+def _split(data_dir, split='train', **overrides):
+  return data.open_split(_data_config(data_dir, **overrides), split)
+
+
+def _pretrain_batches(data_dir, process_index=0, process_count=1, start_step=0, batch_size=BATCH,
+                      **overrides):
+  return tfds_data.pretrain_batches(_split(data_dir, **overrides), seed=0, batch_size=batch_size,
+                                    start_step=start_step, process_index=process_index,
+                                    process_count=process_count)
 
 
 def _take(iterator, n):
@@ -53,18 +66,27 @@ def _take(iterator, n):
 
 
 def test_counts(data_dir):
-  assert data.num_examples('tiny_images', 'train', data_dir) == NUM_TRAIN
-  assert data.num_examples('tiny_images', 'train[:50%]', data_dir) == NUM_TRAIN // 2
-  assert data.num_examples('tiny_images', 'train+test', data_dir) == NUM_TRAIN + NUM_TEST
-  assert data.num_classes('tiny_images', data_dir) == 64
-  assert data.num_classes('tiny_jpegs', data_dir) is None
+  assert _split(data_dir).num_examples == NUM_TRAIN
+  assert _split(data_dir, 'train[:50%]').num_examples == NUM_TRAIN // 2
+  assert _split(data_dir, 'train+test').num_examples == NUM_TRAIN + NUM_TEST
+  assert _split(data_dir).num_classes == 64
+  assert _split(data_dir, dataset='tiny_jpegs').num_classes is None
+  assert _split(data_dir).image_shape == (16, 16, 3)
   assert data.steps_per_epoch(50, 8) == 6 and data.eval_steps(13, 4) == 4
 
 
+def test_step_counts_of_the_official_recipes():
+  """simclr_reference.md 5.3: total N * epochs // B + 1, warmup int(round(epochs_w * N // B))."""
+  assert data.train_steps(50_000, 512, 1000) == 97_657         # CIFAR-10, README recipe.
+  assert data.warmup_steps(50_000, 512, 10) == 976
+  assert data.train_steps(1_281_167, 4096, 100) == 31_279      # ImageNet, 100 epochs.
+  assert data.warmup_steps(1_281_167, 4096, 10) == 3_127
+  assert data.train_steps(1_281_167, 4096, 800) == 250_228     # The released v2 checkpoints.
+  assert data.train_steps(1_281_167, 4096, 100, num_train_steps=7) == 7
+
+
 def test_pretrain_batch_shapes_and_two_different_views(data_dir):
-  config = _config(data_dir)
-  config.augment.blur_probability = 0.5
-  batch = next(data.pretrain_batches(config, process_index=0, process_count=1))
+  batch = next(_pretrain_batches(data_dir, **{'augment.blur_probability': 0.5}))
   assert batch['views'].shape == (BATCH, 2, 16, 16, 3) and batch['views'].dtype == np.float32
   assert batch['label'].shape == (BATCH,) and batch['label'].dtype == np.int32
   assert 0.0 <= batch['views'].min() and batch['views'].max() <= 1.0
@@ -77,9 +99,8 @@ def test_pretrain_processes_read_disjoint_parts_that_cover_the_split(data_dir, p
   steps = NUM_TRAIN // BATCH
   labels = []
   for index in range(process_count):
-    config = _config(data_dir)
-    config.augment.color_strength = 0.0  # Only which examples come matters here.
-    batches = data.pretrain_batches(config, process_index=index, process_count=process_count)
+    # Only which examples come matters here.
+    batches = _pretrain_batches(data_dir, index, process_count, **{'augment.color_strength': 0})
     epoch = _take(batches, steps)
     assert all(b['label'].shape == (BATCH // process_count,) for b in epoch)
     labels.extend(np.concatenate([b['label'] for b in epoch]))
@@ -87,11 +108,10 @@ def test_pretrain_processes_read_disjoint_parts_that_cover_the_split(data_dir, p
 
 
 def test_resumed_batches_equal_the_uninterrupted_ones(data_dir):
-  config = _config(data_dir)
   steps, start_step = NUM_TRAIN // BATCH, 4  # The comparison crosses into epoch 1.
-  kwargs = dict(process_index=1, process_count=2)  # Process 1 of 2: per-process seeds too.
-  uninterrupted = _take(data.pretrain_batches(config, **kwargs), steps + 3)
-  resumed = _take(data.pretrain_batches(config, start_step=start_step, **kwargs),
+  # Process 1 of 2: per-process seeds too.
+  uninterrupted = _take(_pretrain_batches(data_dir, 1, 2), steps + 3)
+  resumed = _take(_pretrain_batches(data_dir, 1, 2, start_step=start_step),
                   steps + 3 - start_step)
   for expected, batch in zip(uninterrupted[start_step:], resumed):
     np.testing.assert_array_equal(batch['label'], expected['label'])
@@ -106,9 +126,9 @@ def test_eval_yields_every_example_exactly_once(data_dir, process_count, augment
   batch_size = 4
   labels = []
   for index in range(process_count):
-    batches = list(data.eval_batches(_config(data_dir), 'test', batch_size=batch_size,
-                                     process_index=index, process_count=process_count,
-                                     augment=augment, epoch=epoch))
+    batches = list(tfds_data.eval_batches(_split(data_dir, 'test'), batch_size=batch_size,
+                                          process_index=index, process_count=process_count,
+                                          augment=augment, epoch=epoch))
     assert len(batches) == data.eval_steps(NUM_TEST, batch_size)
     for batch in batches:
       assert batch['image'].shape == (batch_size // process_count, 16, 16, 3)
@@ -120,8 +140,8 @@ def test_eval_yields_every_example_exactly_once(data_dir, process_count, augment
 
 def test_eval_epochs_are_shuffled_differently(data_dir):
   order = lambda epoch: np.concatenate([
-      b['label'] for b in data.eval_batches(_config(data_dir), 'train', batch_size=BATCH,
-                                            process_index=0, process_count=1, epoch=epoch)])
+      b['label'] for b in tfds_data.eval_batches(_split(data_dir), batch_size=BATCH,
+                                                 process_index=0, process_count=1, epoch=epoch)])
   first, second = order(0), order(1)
   assert sorted(first) == sorted(second) == list(range(NUM_TRAIN))
   assert not np.array_equal(first, second)
@@ -129,53 +149,57 @@ def test_eval_epochs_are_shuffled_differently(data_dir):
 
 
 def test_jpeg_dataset_without_labels(data_dir):
-  config = _config(data_dir, dataset='tiny_jpegs', image_size=24, batch_size=4)
-  batch = next(data.pretrain_batches(config, process_index=0, process_count=1))
+  batch = next(_pretrain_batches(data_dir, batch_size=4, dataset='tiny_jpegs', image_size=24))
   assert batch['views'].shape == (4, 2, 24, 24, 3)
   np.testing.assert_array_equal(batch['label'], -1)
-  with pytest.raises(ValueError, match="tiny_jpegs has no 'label'"):
-    data.eval_batches(config, 'train', batch_size=4, process_index=0, process_count=1)
+  with pytest.raises(errors.UserError, match='tiny_jpegs has no labels, which evaluation needs'):
+    data.eval_batches(_split(data_dir, dataset='tiny_jpegs'), None, batch_size=4)
 
 
-@pytest.mark.parametrize('overrides,kwargs,error,match', [
-    (dict(dataset='no_such_dataset'), {}, ValueError,
+@pytest.mark.parametrize('overrides,split,match', [
+    (dict(dataset='no_such_dataset'), 'train',
      'Unknown dataset .*python -m simclr_jax.prepare_data no_such_dataset --source='),
-    (dict(train_split='validation'), {}, ValueError, 'no split .*Available splits: train, test'),
-    (dict(train_split='train[:200%]'), {}, ValueError, 'no split'),
-    (dict(dataset='no_images'), {}, ValueError, "no_images has no 'image' feature"),
-    (dict(image_size=32), {}, ValueError, 'image_size=32 exceeds the 16x16 images'),
-    (dict(batch_size=BATCH * 10), {}, ValueError, 'exceeds the 48 examples'),
-    ({}, dict(process_count=3), ValueError, 'not divisible by the 3 processes'),
-    ({}, dict(process_index=2, process_count=2), ValueError, 'process_index=2'),
+    ({}, 'validation', 'no split .*Available splits: train, test'),
+    ({}, 'train[:200%]', 'no split'),
+    (dict(dataset='no_images'), 'train', "no_images has no 'image' feature"),
+    (dict(source='hdf5'), 'train', "Unknown data source 'hdf5'"),
 ])
-def test_pretrain_errors(data_dir, overrides, kwargs, error, match):
-  config = _config(data_dir, **overrides)
-  with pytest.raises(error, match=match):
-    data.pretrain_batches(config, **{'process_index': 0, 'process_count': 1, **kwargs})
+def test_open_split_errors(data_dir, overrides, split, match):
+  with pytest.raises(errors.UserError, match=match):
+    _split(data_dir, split, **overrides)
+
+
+@pytest.mark.parametrize('overrides,batch_size,match', [
+    (dict(image_size=32), BATCH, 'image_size=32 exceeds the 16x16 images'),
+    ({}, BATCH * 10, 'exceeds the 48 examples'),
+])
+def test_pretrain_split_errors(data_dir, overrides, batch_size, match):
+  with pytest.raises(errors.UserError, match=match):
+    data.check_pretrain_split(_split(data_dir, **overrides), batch_size)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(process_count=3), 'not divisible by the 3 processes'),
+    (dict(process_index=2, process_count=2), 'process_index=2'),
+])
+def test_process_errors(data_dir, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    _pretrain_batches(data_dir, **kwargs)
 
 
 def test_bad_brightness_raises_before_iterating(data_dir):
-  config = _config(data_dir)
-  config.augment.brightness = 'gamma'
   with pytest.raises(ValueError, match='brightness'):
-    data.pretrain_batches(config, process_index=0, process_count=1)
+    _pretrain_batches(data_dir, **{'augment.brightness': 'gamma'})
 
 
 def test_unprepared_datasets_name_the_command(tmp_path):
-  with pytest.raises(FileNotFoundError, match='tfds build mnist'):
-    data.num_examples('mnist', 'train', str(tmp_path))
-  with pytest.raises(FileNotFoundError,
+  config = default.get_data_config()
+  config.data_dir = str(tmp_path)
+  config.dataset = 'mnist'
+  with pytest.raises(errors.UserError, match='tfds build mnist'):
+    data.open_split(config, 'train')
+  config.dataset = 'cifar10'
+  with pytest.raises(errors.UserError,
                      match=f'python -m simclr_jax.prepare_data cifar10 --source=.* '
                            f'--data_dir={tmp_path}'):
-    data.num_examples('cifar10', 'train', str(tmp_path))
-
-
-def test_ensure_prepared_without_network(tmp_path, monkeypatch, data_dir):
-  def offline(*args, **kwargs):
-    raise ConnectionError('Name or service not known\nmore details')
-  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', offline)
-  with pytest.raises(RuntimeError) as error:
-    data.ensure_prepared('mnist', str(tmp_path))
-  message = str(error.value)
-  assert '\n' not in message and 'ConnectionError' in message and 'tfds build mnist' in message
-  data.ensure_prepared('tiny_images', data_dir)  # Prepared: nothing to do, nothing downloaded.
+    data.open_split(config, 'train')

@@ -14,14 +14,17 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import eval as eval_config
-from conftest import TINY_IMAGE_SIZE, TINY_NUM_CLASSES, tiny_pretrain_config
+from conftest import TINY_IMAGE_SIZE, TINY_NUM_CLASSES, count_compilations, tiny_pretrain_config
 from simclr_jax import checkpointing
+from simclr_jax import errors
+from simclr_jax import eval_setup
 from simclr_jax import evaluate
 from simclr_jax import knn
 from simclr_jax import logistic_regression
 from simclr_jax import mesh as mesh_lib
 from simclr_jax import models
 from simclr_jax import pretrain
+from simclr_jax import protocols
 from simclr_jax import train_state as train_state_lib
 
 STEP = 3
@@ -45,7 +48,7 @@ def pretrain_run(tiny_data_dir, tmp_path_factory):
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort())
   checkpointer = checkpointing.Checkpointer(workdir)
-  checkpointer.save(state, pretrain.run_metadata(config, TINY_NUM_CLASSES))
+  checkpointer.save(state, checkpointing.run_metadata(config, TINY_NUM_CLASSES))
   checkpointer.wait_until_finished()
   checkpointer.close()
   return workdir, jax.device_get(state)
@@ -68,10 +71,10 @@ def _eval_config(protocol='knn', **overrides):
 
 def test_restore_is_bit_identical(pretrain_run):
   workdir, saved = pretrain_run
-  run_config = evaluate.load_run_config(workdir)
-  checkpointer, step, meta = evaluate.open_checkpoint(workdir, None, run_config)
-  encoder = evaluate.restore_encoder(checkpointer, step, meta, mesh_lib.create_mesh())
-  assert step == encoder.step == STEP
+  mesh = mesh_lib.create_mesh()
+  evaluation = eval_setup.prepare(_eval_config(), workdir, None, mesh)
+  encoder = eval_setup.load_encoder(evaluation, mesh)
+  assert evaluation.saved.step == encoder.step == STEP
   for collection in ('params', 'batch_stats'):
     restored = jax.device_get(encoder.variables[collection])
     expected = getattr(saved, collection)
@@ -81,18 +84,11 @@ def test_restore_is_bit_identical(pretrain_run):
       np.testing.assert_array_equal(a, b)
 
 
-def _copy_run(pretrain_run, tmp_path, edit_model=None, keep_checkpoints=True):
+def _copy_run(pretrain_run, tmp_path, keep_checkpoints=True):
   workdir = str(tmp_path / 'copy')
   shutil.copytree(pretrain_run[0], workdir)
   if not keep_checkpoints:
     shutil.rmtree(os.path.join(workdir, 'checkpoints'))
-  if edit_model:
-    path = os.path.join(workdir, 'config.json')
-    with open(path) as f:
-      config = json.load(f)
-    config['model'].update(edit_model)
-    with open(path, 'w') as f:
-      json.dump(config, f)
   return workdir
 
 
@@ -110,19 +106,22 @@ def unlabelled_data_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize('case, overrides, match', [
-    ('missing', {}, 'is missing or empty'),
-    ('empty', {}, 'is missing or empty'),
+    ('missing', {}, 'does not exist'),
+    ('empty', {}, 'No checkpoint in'),
     ('no_checkpoint', {}, 'No checkpoint in .*random_init=True'),
+    ('no_checkpoint', {'random_init': True, 'data.dataset': 'nowhere'},
+     "Unknown dataset 'nowhere'"),
+    ('empty', {'random_init': True}, 'is missing or empty'),
     ('bad_step', {}, 'No checkpoint of step 5 in .*; available steps: 3'),
-    ('other_model', {}, r'another model than its config.json \(width_multiplier: '
-                        r'checkpoint 0.125 vs config.json 0.25\)'),
     ('ok', {'protocol': 'svm'}, "Unknown protocol 'svm'"),
     ('ok', {'protocol': 'linear', 'features': 'pixels'}, 'pixels works with'),
     ('ok', {'protocol': 'finetune', 'finetune.label_fraction': 0.02},
      'keeps 2 of 96 examples, which leaves some of the 4 classes empty'),
     ('ok', {'protocol': 'finetune', 'finetune.proj_layers': 2}, 'has 1 hidden layers'),
-    ('ok', {'train_split': 'validation'}, 'no split .*validation'),
+    ('ok', {'protocol': 'finetune', 'finetune.optimizer': 'adam'}, "Unknown optimizer 'adam'"),
+    ('ok', {'data.train_split': 'validation'}, 'no split .*validation'),
     ('ok', {'batch_size': 12}, 'not divisible by the 8 devices'),
+    ('ok', {'batch_size': 0}, 'batch_size must be positive'),
     ('unlabelled', {}, 'tiny_unlabelled has no labels'),
 ])
 def test_errors_before_compiling(pretrain_run, unlabelled_data_dir, tmp_path, case, overrides,
@@ -131,13 +130,13 @@ def test_errors_before_compiling(pretrain_run, unlabelled_data_dir, tmp_path, ca
       'missing': lambda: str(tmp_path / 'nowhere'),
       'empty': lambda: str(tmp_path),
       'no_checkpoint': lambda: _copy_run(pretrain_run, tmp_path, keep_checkpoints=False),
-      'other_model': lambda: _copy_run(pretrain_run, tmp_path, {'width_multiplier': 0.25}),
   }.get(case, lambda: pretrain_run[0])()
   config = _eval_config(**overrides)
   if case == 'unlabelled':
-    config.dataset, config.data_dir = 'tiny_unlabelled', unlabelled_data_dir
-  with pytest.raises(evaluate.SetupError, match=match):
+    config.data.dataset, config.data.data_dir = 'tiny_unlabelled', unlabelled_data_dir
+  with count_compilations() as compilations, pytest.raises(errors.UserError, match=match):
     evaluate.evaluate(config, workdir, step=5 if case == 'bad_step' else None)
+  assert compilations == []
 
 
 @pytest.mark.parametrize('overrides, name', [
@@ -145,13 +144,14 @@ def test_errors_before_compiling(pretrain_run, unlabelled_data_dir, tmp_path, ca
     ({'protocol': 'linear', 'linear.label_fraction': 0.01}, 'linear_1pct'),
     ({'protocol': 'finetune', 'finetune.label_fraction': 0.1, 'random_init': True},
      'finetune_10pct_random_init'),
-    ({'protocol': 'knn', 'dataset': 'cifar100'}, 'knn_on_cifar100'),
-    ({'protocol': 'knn', 'dataset': 'tiny'}, 'knn'),  # The run's own dataset.
-    ({'protocol': 'linear_features', 'features': 'pixels', 'dataset': 'cifar100'},
+    ({'protocol': 'knn', 'data.dataset': 'cifar100'}, 'knn_on_cifar100'),
+    ({'protocol': 'knn', 'data.dataset': 'tiny'}, 'knn'),  # The run's own dataset.
+    ({'protocol': 'linear_features', 'features': 'pixels', 'data.dataset': 'cifar100'},
      'linear_features_on_cifar100_pixels'),
 ])
 def test_result_names_keep_evaluations_apart(overrides, name):
-  assert evaluate.result_name(_eval_config(**overrides), run_dataset='tiny') == name
+  assert eval_setup.result_name(_eval_config(**overrides), run_dataset='tiny') == name
+  assert eval_setup.result_name(_eval_config(**overrides), 'tiny', step=7) == f'{name}_step7'
 
 
 @pytest.mark.parametrize('overrides, name', [
@@ -204,7 +204,7 @@ def test_count_correct_matches_numpy_top_k():
   scores, labels = rng.normal(size=(50, 10)), rng.integers(0, 10, 50)
   mask = np.arange(50) < 45
   ranks = np.argsort(np.argsort(-scores, axis=1), axis=1)[np.arange(50), labels]
-  counts = jax.device_get(evaluate.count_correct(jnp.asarray(scores), jnp.asarray(labels),
+  counts = jax.device_get(protocols.count_correct(jnp.asarray(scores), jnp.asarray(labels),
                                                  jnp.asarray(mask)))
   assert counts == {'count': 45, 'top1': np.sum((ranks < 1) & mask),
                     'top5': np.sum((ranks < 5) & mask)}
@@ -234,16 +234,16 @@ def test_logistic_regression_separates_a_separable_problem():
 
 def test_label_fraction_is_class_balanced_and_seeded():
   labels = np.repeat(np.arange(10), np.arange(50, 150, 10))  # 50, 60, ..., 140 per class.
-  chosen = evaluate.label_fraction_indices(labels, 0.1, 10, seed=0)
+  chosen = eval_setup.label_fraction_indices(labels, 0.1, 10, seed=0)
   assert len(chosen) == round(0.1 * len(labels)) == len(set(chosen))
   per_class = np.bincount(labels[chosen], minlength=10)
   assert per_class.max() - per_class.min() == 1 and per_class.min() == 9
-  np.testing.assert_array_equal(chosen, evaluate.label_fraction_indices(labels, 0.1, 10, 0))
-  assert not np.array_equal(chosen, evaluate.label_fraction_indices(labels, 0.1, 10, 1))
-  with pytest.raises(evaluate.SetupError, match='leaves some of the 10 classes empty'):
-    evaluate.label_fraction_indices(labels, 0.009, 10, 0)
-  with pytest.raises(evaluate.SetupError, match='Class 0 has 50 examples, fewer than the 94'):
-    evaluate.label_fraction_indices(labels, 0.99, 10, 0)
+  np.testing.assert_array_equal(chosen, eval_setup.label_fraction_indices(labels, 0.1, 10, 0))
+  assert not np.array_equal(chosen, eval_setup.label_fraction_indices(labels, 0.1, 10, 1))
+  with pytest.raises(errors.UserError, match='leaves some of the 10 classes empty'):
+    eval_setup.label_fraction_indices(labels, 0.009, 10, 0)
+  with pytest.raises(errors.UserError, match='Class 0 has 50 examples, fewer than the 94'):
+    eval_setup.label_fraction_indices(labels, 0.99, 10, 0)
 
 
 def _tiny_model(num_classes):
@@ -277,9 +277,65 @@ def test_finetune_from_first_projection_layer():
   variables = model.init(jax.random.key(0), images, train=False)
   rng = np.random.default_rng(5)  # BatchNorm statistics and parameters away from 0 and 1.
   variables = jax.tree.map(lambda x: x * rng.uniform(0.5, 2, x.shape).astype(x.dtype), variables)
-  features, _ = evaluate.trunk_features(model, variables, images, train=False, proj_layers=1)
+  features, _ = protocols.trunk_features(model, variables, images, train=False, proj_layers=1)
   h = model.apply(variables, images, method=models.SimCLRModel.encode)
   dense, bn = variables['params']['head']['dense1'], variables['params']['head']['bn1']
   stats = variables['batch_stats']['head']['bn1']
   y = (h @ dense['kernel'] - stats['mean']) / jnp.sqrt(stats['var'] + 1e-5)
   np.testing.assert_allclose(features, np.maximum(y * bn['scale'] + bn['bias'], 0), atol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def separable_data_dir(tmp_path_factory):
+  """4 classes of noisy flat images, one colour per class: linearly separable in the features of
+  any encoder that keeps colour, crops and flips included."""
+  path = str(tmp_path_factory.mktemp('separable'))
+  rng = np.random.default_rng(7)
+  colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [128, 128, 128]])
+
+  def examples(n):
+    labels = np.arange(n) % TINY_NUM_CLASSES
+    images = colours[labels][:, None, None, :] + rng.integers(
+        -20, 20, (n, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3))
+    return [(i, {'image': images[i].astype(np.uint8), 'label': int(labels[i])})
+            for i in range(n)]
+
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name='tiny_separable', version='1.0.0', data_dir=path,
+      features=tfds.features.FeaturesDict({
+          'image': tfds.features.Image(shape=(TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3)),
+          'label': tfds.features.ClassLabel(num_classes=TINY_NUM_CLASSES)}),
+      split_datasets={'train': examples(128), 'test': examples(64)})
+  return path
+
+
+def test_linear_protocol_learns_and_leaves_the_encoder_untouched(separable_data_dir,
+                                                                 tiny_data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  config = tiny_pretrain_config(tiny_data_dir)
+  model = models.create_model(config.model, num_classes=TINY_NUM_CLASSES)
+  saved = train_state_lib.create_train_state(model, optax.sgd(0.1), jax.random.key(1),
+                                             image_size=TINY_IMAGE_SIZE)
+  checkpointer = checkpointing.Checkpointer(workdir)
+  checkpointer.save(saved, checkpointing.run_metadata(config, TINY_NUM_CLASSES))
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  config = _eval_config('linear', **{'data.dataset': 'tiny_separable',
+                                     'data.data_dir': separable_data_dir,
+                                     'linear.num_epochs': 10, 'linear.learning_rate': 5.0})
+  mesh = mesh_lib.create_mesh()
+  evaluation = eval_setup.prepare(config, workdir, None, mesh)
+  with jax.set_mesh(mesh):
+    encoder = eval_setup.load_encoder(evaluation, mesh)
+    state, frozen, logits_fn = protocols.train_classifier(evaluation, encoder, mesh,
+                                                          str(tmp_path / 'log'))
+    top1 = protocols.test_accuracies(
+        evaluation, mesh, lambda state, frozen, images: logits_fn(
+            state.params, state.batch_stats, frozen, images, train=False)[0],
+        state, frozen)['top1']
+  assert top1 >= 0.9  # Chance: 0.25.
+  assert set(state.params) == {'probe'} and not state.batch_stats  # Only the classifier trains.
+  for collection in ('params', 'batch_stats'):  # The frozen encoder is the checkpoint's.
+    for a, b in zip(jax.tree.leaves(jax.device_get(frozen[collection])),
+                    jax.tree.leaves(jax.device_get(getattr(saved, collection)))):
+      np.testing.assert_array_equal(a, b)

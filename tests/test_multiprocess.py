@@ -3,9 +3,9 @@
 The `slow` tests (about 100 s on 2 shared cores; no network, no accelerator) run the real program:
 scripts/launch_local.sh starts run_pretrain.py twice with --coordinator_address=127.0.0.1:<free
 port> --num_processes=2 --process_id=i (gloo collectives over loopback). The reference runs
-`pretrain.train_and_evaluate` in this process on 4 of its CPU devices, fed the concatenation of
-what the two processes read (`data.pretrain_batches(..., process_index=p, process_count=2)` for
-p = 0, 1), i.e. the same global batches. The two-process run gets SIGTERM on process 1 only (as a
+`pretrain.run` in this process on 4 of its CPU devices, fed the concatenation of what the two
+processes read (`tfds_data.pretrain_batches(..., process_index=p, process_count=2)` for p = 0, 1),
+i.e. the same global batches. The two-process run gets SIGTERM on process 1 only (as a
 TPU maintenance event would deliver it) after step SIGTERM_AFTER_STEP, and is then rerun with the
 same command. Checked:
   - both processes checkpoint the same step and exit 0; process 0 alone writes the metrics;
@@ -31,9 +31,8 @@ from conftest import tiny_pretrain_config
 from simclr_jax import checkpointing
 from simclr_jax import data
 from simclr_jax import mesh as mesh_lib
-from simclr_jax import models
 from simclr_jax import pretrain
-from simclr_jax import train_state as train_state_lib
+from simclr_jax import tfds_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 10             # 6 steps per epoch on the tiny dataset: crosses an epoch boundary.
@@ -53,10 +52,10 @@ def config(tiny_data_dir):
 def reference(config, tmp_path_factory):
   """1 process x 4 devices on the global batches the two processes build together."""
   workdir = str(tmp_path_factory.mktemp('one_process'))
-  read_part = data.pretrain_batches
+  read_part = tfds_data.pretrain_batches
 
-  def two_process_batches(config, **kwargs):
-    parts = [read_part(config, process_index=p, process_count=2, **kwargs) for p in range(2)]
+  def two_process_batches(split, **kwargs):
+    parts = [read_part(split, process_index=p, process_count=2, **kwargs) for p in range(2)]
     for batches in zip(*parts):
       yield {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
 
@@ -64,8 +63,8 @@ def reference(config, tmp_path_factory):
   jax.config.update('jax_disable_most_optimizations', True)  # As the subprocesses (env below).
   try:
     with pytest.MonkeyPatch.context() as patch:
-      patch.setattr(data, 'pretrain_batches', two_process_batches)
-      pretrain.train_and_evaluate(config, workdir, mesh=mesh_lib.create_mesh(jax.devices()[:4]))
+      patch.setattr(tfds_data, 'pretrain_batches', two_process_batches)
+      pretrain.run(config, workdir, mesh=mesh_lib.create_mesh(jax.devices()[:4]))
   finally:
     jax.config.update('jax_disable_most_optimizations', previous)
   return workdir
@@ -194,17 +193,11 @@ def two_processes(config, tmp_path_factory):
 
 def _restore_on_one_device(workdir, config, step):
   """The full TrainState of `workdir`'s checkpoint `step`, on this process's first device."""
-  num_classes = data.num_classes(config.dataset, config.data_dir)
-  model = models.create_model(config.model, num_classes=num_classes)
-  steps_per_epoch = data.steps_per_epoch(
-      data.num_examples(config.dataset, config.train_split, config.data_dir), config.batch_size)
-  tx, _ = pretrain.create_optimizer(config, steps_per_epoch, NUM_STEPS)
-  shapes = jax.eval_shape(lambda rng: train_state_lib.create_train_state(
-      model, tx, rng, image_size=config.image_size), jax.random.key(0))
-  one_device = mesh_lib.replicated(mesh_lib.create_mesh(jax.devices()[:1]))
+  setup = pretrain.build(config, data.open_split(config.data, config.data.train_split),
+                         mesh_lib.create_mesh(jax.devices()[:1]))
   checkpointer = checkpointing.Checkpointer(workdir, create=False)
   try:
-    state = checkpointer.restore(step, checkpointing.abstract_like(shapes, one_device))
+    state = checkpointer.restore(step, setup.abstract_state())
   finally:
     checkpointer.close()
   return jax.device_get(state)

@@ -32,7 +32,7 @@ def restored_params(workdir, step):
 @pytest.fixture(scope='module')
 def uninterrupted(tiny_data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('uninterrupted'))
-  pretrain.train_and_evaluate(tiny_pretrain_config(tiny_data_dir), workdir)
+  pretrain.run(tiny_pretrain_config(tiny_data_dir), workdir)
   return workdir
 
 
@@ -53,7 +53,7 @@ def test_restart_after_crash_resumes_exactly(uninterrupted, tiny_data_dir, tmp_p
   shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
   os.remove(os.path.join(workdir, 'metrics.jsonl'))
 
-  pretrain.train_and_evaluate(tiny_pretrain_config(tiny_data_dir), workdir)
+  pretrain.run(tiny_pretrain_config(tiny_data_dir), workdir)
 
   resumed, reference = read_metrics(workdir), read_metrics(uninterrupted)
   assert [r['step'] for r in resumed] == [3, 4]
@@ -66,14 +66,14 @@ def test_restart_after_crash_resumes_exactly(uninterrupted, tiny_data_dir, tmp_p
 def test_longer_rerun_continues_from_checkpoint(uninterrupted, tiny_data_dir, tmp_path):
   workdir = str(tmp_path / 'longer')
   shutil.copytree(uninterrupted, workdir)
-  pretrain.train_and_evaluate(tiny_pretrain_config(tiny_data_dir, num_train_steps=6), workdir)
+  pretrain.run(tiny_pretrain_config(tiny_data_dir, num_train_steps=6), workdir)
   assert [r['step'] for r in read_metrics(workdir)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_one_and_eight_devices_give_the_same_losses(uninterrupted, tiny_data_dir, tmp_path):
   assert jax.device_count() == 8
   workdir = str(tmp_path / 'one_device')
-  pretrain.train_and_evaluate(tiny_pretrain_config(tiny_data_dir), workdir,
+  pretrain.run(tiny_pretrain_config(tiny_data_dir), workdir,
                               mesh=mesh_lib.create_mesh(jax.devices()[:1]))
   one, eight = read_metrics(workdir), read_metrics(uninterrupted)
   for key in ('loss', 'contrastive_acc', 'probe_loss'):
@@ -83,14 +83,14 @@ def test_one_and_eight_devices_give_the_same_losses(uninterrupted, tiny_data_dir
 
 def test_unlabelled_dataset_trains_without_the_probe(tmp_path):
   data_dir = store_tiny_dataset(str(tmp_path / 'tfds'), name='tiny_unlabelled', labelled=False)
-  config = tiny_pretrain_config(data_dir, dataset='tiny_unlabelled', num_train_steps=2)
-  record = pretrain.train_and_evaluate(config, str(tmp_path / 'run'))
+  config = tiny_pretrain_config(data_dir, num_train_steps=2, **{'data.dataset': 'tiny_unlabelled'})
+  record = pretrain.run(config, str(tmp_path / 'run'))
   assert np.isfinite(record['loss']) and 'probe_acc' not in record
 
 
 def test_batch_not_divisible_by_devices_fails_before_compiling(tiny_data_dir, tmp_path):
   with pytest.raises(ValueError, match='not divisible by the 8 devices'):
-    pretrain.train_and_evaluate(tiny_pretrain_config(tiny_data_dir, batch_size=12),
+    pretrain.run(tiny_pretrain_config(tiny_data_dir, batch_size=12),
                                 str(tmp_path))
 
 
@@ -99,8 +99,8 @@ def test_checkpoint_of_another_model_is_refused(uninterrupted, tiny_data_dir, tm
   shutil.copytree(uninterrupted, workdir)
   config = tiny_pretrain_config(tiny_data_dir)
   config.model.depth = 34
-  with pytest.raises(ValueError, match='different setup.*depth'):
-    pretrain.train_and_evaluate(config, workdir)
+  with pytest.raises(ValueError, match='different model.*model.depth: checkpoint 18, now 34'):
+    pretrain.run(config, workdir)
 
 
 def test_nan_loss_stops_and_keeps_only_finite_checkpoints(tiny_data_dir, tmp_path):
@@ -108,7 +108,7 @@ def test_nan_loss_stops_and_keeps_only_finite_checkpoints(tiny_data_dir, tmp_pat
   config = tiny_pretrain_config(tiny_data_dir, num_train_steps=6, learning_rate=1e30,
                                 weight_decay=0.0, checkpoint_every_steps=1)
   with pytest.raises(FloatingPointError, match='not finite|Loss is nan'):
-    pretrain.train_and_evaluate(config, str(tmp_path))
+    pretrain.run(config, str(tmp_path))
   steps = checkpointing.Checkpointer(str(tmp_path), create=False).all_steps()
   assert 1 in steps and max(steps) < 6
   for step in steps:

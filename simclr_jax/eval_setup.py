@@ -1,0 +1,243 @@
+"""What an evaluation evaluates, checked before anything is compiled.
+
+`prepare(config, workdir, step, mesh)` validates the evaluation config (configs/eval.py), finds
+the checkpoint and reads its metadata (the model, image size and pretraining config), opens the
+labelled train and test splits and picks the labelled subset; `load_encoder` then restores the
+encoder (or builds a random one, or none for raw pixels).
+"""
+
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from simclr_jax import checkpointing
+from simclr_jax import data
+from simclr_jax import distributed
+from simclr_jax import errors
+from simclr_jax import mesh as mesh_lib
+from simclr_jax import models
+from simclr_jax import train_state as train_state_lib
+
+PROTOCOLS = ('linear', 'linear_features', 'knn', 'finetune')
+TRAINED_PROTOCOLS = ('linear', 'finetune')  # Train a classifier on (a fraction of) the labels.
+FEATURES = ('encoder', 'pixels')
+OPTIMIZERS = ('momentum', 'lars')
+# Official semi-supervised subsets (S4L's lists, as the SimCLR papers use): TFDS datasets.
+OFFICIAL_SUBSETS = {('imagenet2012', 0.01): 'imagenet2012_subset/1pct',
+                    ('imagenet2012', 0.1): 'imagenet2012_subset/10pct'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """The data side of an evaluation."""
+  train: data.Split                   # Labelled training examples (classifier, kNN bank).
+  test: data.Split
+  num_classes: int
+  label_subset: str                   # How the labelled examples were chosen.
+  train_ids: np.ndarray | None = None  # Example ids of a labelled fraction; None: all of train.
+
+  @property
+  def num_train_examples(self) -> int:
+    return self.train.num_examples if self.train_ids is None else len(self.train_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """An evaluation, checked: what to evaluate, on which data, and where its results go."""
+  config: ml_collections.ConfigDict      # The evaluation config.
+  workdir: str
+  name: str                               # Of the result files (`result_name`).
+  run_config: ml_collections.ConfigDict  # The pretraining config of the run.
+  saved: checkpointing.SavedRun | None    # The checkpoint; None for random_init and pixels.
+  task: Task
+
+  @property
+  def image_size(self) -> int:
+    return self.task.train.config.image_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+  """What maps images to features: a restored or random model, or nothing (raw pixels)."""
+  model: models.SimCLRModel | None
+  variables: dict                         # {'params', 'batch_stats'}, replicated; {} for pixels.
+  step: int                               # Pretraining step of the checkpoint; 0 without one.
+
+
+def label_fraction(config: ml_collections.ConfigDict) -> float:
+  """Fraction of train_split's labels the protocol trains on (all for the untrained ones)."""
+  return config[config.protocol].label_fraction if config.protocol in TRAINED_PROTOCOLS else 1.0
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError when the evaluation config's switches do not make sense together."""
+  if config.protocol not in PROTOCOLS:
+    raise errors.UserError(f'Unknown protocol {config.protocol!r}; expected one of {PROTOCOLS}.')
+  if config.features not in FEATURES:
+    raise errors.UserError(f'Unknown features {config.features!r}; expected one of {FEATURES}.')
+  if config.features == 'pixels' and (config.protocol in TRAINED_PROTOCOLS or config.random_init):
+    raise errors.UserError('--config.features=pixels works with the linear_features and knn '
+                           'protocols, without random_init.')
+  if config.protocol in TRAINED_PROTOCOLS:
+    cfg = config[config.protocol]
+    if cfg.optimizer not in OPTIMIZERS:
+      raise errors.UserError(f'Unknown optimizer {cfg.optimizer!r}; expected one of '
+                             f'{OPTIMIZERS}.')
+    if not 0 < cfg.label_fraction <= 1:
+      raise errors.UserError(f'label_fraction must be in (0, 1], got {cfg.label_fraction}.')
+    if cfg.num_epochs <= 0:
+      raise errors.UserError(f'{config.protocol}.num_epochs must be positive, got '
+                             f'{cfg.num_epochs}.')
+
+
+def result_name(config: ml_collections.ConfigDict, run_dataset: str | None,
+                step: int | None = None) -> str:
+  """protocol[_<p>pct][_on_<dataset>][_random_init|_pixels][_step<N>]: <p>% labels (linear,
+  finetune), <dataset> if not the run's own, <N> for an explicitly requested step."""
+  name, fraction = config.protocol, label_fraction(config)
+  if fraction < 1:
+    name += f'_{100 * fraction:g}pct'
+  if config.data.dataset and config.data.dataset != run_dataset:
+    name += f'_on_{config.data.dataset}'
+  if config.features == 'pixels':
+    name += '_pixels'
+  elif config.random_init:
+    name += '_random_init'
+  return name if step is None else f'{name}_step{step}'
+
+
+def read_config_json(workdir: str) -> ml_collections.ConfigDict:
+  """The pretraining config that run_pretrain.py wrote to workdir/config.json."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isdir(workdir) or not os.listdir(workdir):
+    raise errors.UserError(f'--workdir={workdir} is missing or empty; give the --workdir of a '
+                           'pretraining run.')
+  if not os.path.exists(path):
+    raise errors.UserError(f'{workdir} has no config.json, so it is not a pretraining workdir.')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def eval_data_config(config: ml_collections.ConfigDict,
+                     run_config: ml_collections.ConfigDict,
+                     image_size: int) -> ml_collections.ConfigDict:
+  """The run's data settings with the evaluation's overrides (None keeps the run's)."""
+  data_config = run_config.data.copy_and_resolve_references()
+  for key, value in config.data.items():
+    if value is not None:
+      data_config[key] = value
+  if config.data.dataset and config.data.dataset != run_config.data.dataset:
+    data_config.data_dir = config.data.data_dir  # A transfer dataset: not the run's data_dir.
+  data_config.image_size = config.data.image_size or image_size
+  return data_config
+
+
+def label_fraction_indices(labels: np.ndarray, fraction: float, num_classes: int,
+                           seed: int) -> np.ndarray:
+  """Sorted indices of a class-balanced subset of round(fraction * len(labels)) examples.
+
+  Every class gets the same number of examples, or one more (as ImageNet's 1% subset); which
+  classes get one more and which examples are taken is fixed by `seed`.
+  """
+  total = int(round(fraction * len(labels)))
+  per_class, extra = divmod(total, num_classes)
+  if per_class == 0:
+    raise errors.UserError(
+        f'label_fraction={fraction} keeps {total} of {len(labels)} examples, which leaves some of '
+        f'the {num_classes} classes empty; use at least {num_classes / len(labels):.3g}.')
+  rng = np.random.default_rng(seed)
+  quota = np.full(num_classes, per_class)
+  quota[rng.permutation(num_classes)[:extra]] += 1
+  chosen = []
+  for c in range(num_classes):
+    members = np.flatnonzero(labels == c)
+    if len(members) < quota[c]:
+      raise errors.UserError(
+          f'Class {c} has {len(members)} examples, fewer than the {quota[c]} a class-balanced '
+          f'label_fraction={fraction} needs; use a smaller fraction.')
+    chosen.append(rng.permutation(members)[:quota[c]])
+  return np.sort(np.concatenate(chosen))
+
+
+def prepare_task(config: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict,
+                 purpose: str) -> Task:
+  """Opens the labelled train and test splits and chooses the labelled subset."""
+  fraction = label_fraction(config)
+  train_config = data_config
+  official = OFFICIAL_SUBSETS.get((data_config.dataset, fraction))
+  if official and data_config.train_split == 'train':
+    train_config = data_config.copy_and_resolve_references()
+    train_config.dataset = official
+  distributed.process_0_first(data.prepare, train_config)
+  train = data.open_split(train_config, train_config.train_split)
+  test = data.open_split(data_config, data_config.eval_split)
+  data.check_labelled(train, purpose)
+  data.check_labelled(test, purpose)
+  if official:
+    subset = f'official list ({official})'
+  else:
+    subset = 'all' if fraction == 1 else f'class-balanced draw, seed {config.seed}'
+  train_ids = None
+  if fraction < 1 and not official:
+    ids, labels = data.example_labels(train)
+    train_ids = ids[label_fraction_indices(labels, fraction, train.num_classes, config.seed)]
+  task = Task(train, test, train.num_classes, subset, train_ids)
+  if config.protocol in TRAINED_PROTOCOLS and task.num_train_examples < config.batch_size:
+    raise errors.UserError(f'{task.num_train_examples} labelled training examples make no batch '
+                           f'of {config.batch_size}; lower --config.batch_size.')
+  return task
+
+
+def _check_proj_layers(config: ml_collections.ConfigDict,
+                       model_config: ml_collections.ConfigDict) -> None:
+  if config.protocol != 'finetune':
+    return
+  hidden = model_config.proj_num_layers - 1 if model_config.proj_mode == 'nonlinear' else 0
+  if not 0 <= config.finetune.proj_layers <= hidden:
+    raise errors.UserError(f'finetune.proj_layers={config.finetune.proj_layers}, but the '
+                           f'projection head has {hidden} hidden layers to keep.')
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str, step: int | None,
+            mesh: jax.sharding.Mesh) -> Evaluation:
+  """Every check that needs no compilation; raises UserError for anything a user can fix."""
+  check_config(config)
+  mesh_lib.check_global_batch_size(config.batch_size, mesh)
+  saved = None
+  if config.random_init or config.features == 'pixels':
+    run_config = read_config_json(workdir)
+    image_size = run_config.data.image_size
+  else:
+    saved = checkpointing.open_saved_run(workdir, step)
+    run_config, image_size = saved.config, saved.meta['image_size']
+  _check_proj_layers(config, run_config.model)
+  data_config = eval_data_config(config, run_config, image_size)
+  task = prepare_task(config, data_config, f'the {config.protocol} protocol')
+  name = result_name(config, run_config.data.dataset, step)
+  return Evaluation(config, workdir, name, run_config, saved, task)
+
+
+def load_encoder(evaluation: Evaluation, mesh: jax.sharding.Mesh) -> Encoder:
+  """The checkpoint's model restored replicated onto `mesh`, a random one, or none (pixels)."""
+  config = evaluation.config
+  if config.features == 'pixels':
+    return Encoder(None, {}, 0)
+  replicated = mesh_lib.replicated(mesh)
+  if config.random_init:
+    model = models.create_model(evaluation.run_config.model)
+    init = functools.partial(train_state_lib.init_variables, model,
+                             image_size=evaluation.image_size)
+    return Encoder(model, jax.jit(init, out_shardings=replicated)(jax.random.key(config.seed)),
+                   0)
+  saved = evaluation.saved
+  model = models.create_model(saved.model_config, num_classes=saved.meta['num_classes'])
+  init = functools.partial(train_state_lib.init_variables, model,
+                           image_size=saved.meta['image_size'])
+  abstract = checkpointing.abstract_like(jax.eval_shape(init, jax.random.key(0)), replicated)
+  variables = saved.checkpointer.restore_model(saved.step, abstract)
+  return Encoder(model, variables, saved.step)
