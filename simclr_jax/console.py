@@ -1,11 +1,11 @@
 """What the entry points print: our log lines, a progress line, one-line errors.
 
 `quiet_third_party_logs(verbose=False)` keeps INFO and above of this project (as plain lines) and
-ERROR and above of everyone else. TensorFlow, TFDS, Orbax and JAX log through the same absl logger
-as this project, so the filter looks at the logger's name and, for absl's shared logger, at the
-file that logged: a record is third-party when its file lies in the Python installation
-(site-packages, the standard library) and outside `simclr_jax`. Python warnings are logged too
-(logger 'py.warnings', third-party). C++ logs of TensorFlow and XLA are cut at their source by
+ERROR and above of everyone else. JAX and TensorFlow log through their own loggers, but TFDS and
+Orbax log through absl's logger like this project, so the filter looks at the logger's name and,
+for absl's shared logger, at the file that logged: a record is third-party when its file lies in
+the Python installation (site-packages, the standard library) and outside `simclr_jax`. Python
+warnings are logged too (logger 'py.warnings', third-party). C++ logs of TensorFlow and XLA are cut at their source by
 TF_CPP_MIN_LOG_LEVEL, which takes effect only when set before TensorFlow or JAX first log;
 `log_file` therefore records only Python-side logs.
 """
@@ -22,9 +22,10 @@ from absl import logging as absl_logging
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _LIBRARY_DIRS = tuple({
-    variant
-    for path in [*sysconfig.get_paths().values(), *site.getsitepackages(),
-                 site.getusersitepackages()]
+    os.path.join(variant, '')
+    for path in [*(sysconfig.get_path(name) for name in ('stdlib', 'platstdlib', 'purelib',
+                                                          'platlib')),
+                 *site.getsitepackages(), site.getusersitepackages()]
     for variant in (path, os.path.realpath(path))})
 _OUR_LOGGERS = ('simclr_jax', '__main__')
 _SHARED_LOGGERS = ('absl', 'root')
