@@ -5,11 +5,11 @@ Only entry points call `define_flags`, so importing the library registers no fla
 """
 
 import re
-import sys
 from collections.abc import Callable, Sequence
 
 from absl import flags
 
+from simclr_jax import console
 from simclr_jax import distributed
 from simclr_jax import errors
 
@@ -35,12 +35,6 @@ def initialize_distributed() -> None:
   distributed.initialize(coordinator_address=flags.FLAGS.coordinator_address,
                          num_processes=flags.FLAGS.num_processes,
                          process_id=flags.FLAGS.process_id, multihost=flags.FLAGS.multihost)
-
-
-def fail(program: str, message: str) -> None:
-  """Prints `program: error: message` on stderr and exits with status 2."""
-  print(f'{program}: error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
 
 
 def check_moved_fields(argv: Sequence[str], moved: dict[str, str] = MOVED_FIELDS) -> None:
@@ -70,11 +64,11 @@ def parse_flags(program: str, moved: dict[str, str] = MOVED_FIELDS) -> Callable:
       check_moved_fields(argv, moved)
       return flags.FLAGS(argv)
     except errors.UserError as e:
-      fail(program, str(e))
+      console.fail(program, str(e))
     except flags.Error as e:
-      fail(program, str(e).splitlines()[0])
+      console.fail(program, str(e).splitlines()[0])
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-      fail(program, _override_error(e))
+      console.fail(program, _override_error(e))
   return parse
 
 
@@ -83,4 +77,4 @@ def run_main(program: str, main: Callable[[], None]) -> None:
   try:
     main()
   except errors.UserError as e:
-    fail(program, str(e))
+    console.fail(program, str(e))

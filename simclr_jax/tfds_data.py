@@ -38,10 +38,10 @@ _ID_BUCKETS = 2**62  # Hash range of example ids.
 @functools.lru_cache(maxsize=32)
 def load_builder(dataset, data_dir=None):
   """The TFDS builder of a prepared dataset with a uint8 'image' feature of 1 or 3 channels."""
-  builder = _builder(dataset, data_dir)
+  builder = prepare_data.tfds_builder(dataset, data_dir)
   if not builder.is_prepared():
     raise errors.UserError(f'{dataset} is not prepared in {builder.data_dir}; run: '
-                           f'{prepare_data.download_command(dataset, data_dir)}')
+                           f'{prepare_data.command(dataset, data_dir)}')
   features = builder.info.features
   image = features['image'] if 'image' in features else None
   if not isinstance(image, tfds.features.Image):
@@ -274,17 +274,6 @@ def _example_seed(seed, epoch, tfds_id):
 
 def _fold_in(seed, value):
   return tf.random.experimental.stateless_fold_in(seed, tf.cast(value, tf.int64))
-
-
-def _builder(dataset, data_dir):
-  try:
-    return tfds.builder(dataset, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
-    raise errors.UserError(
-        f'Unknown dataset {dataset!r}: not a TFDS dataset, nor prepared in '
-        f'{data_dir or tfds.core.constants.DATA_DIR}. To build one from local files: '
-        f'{prepare_data.download_command(dataset, data_dir)}') from None
-
 
 
 def _process(process_index, process_count):
