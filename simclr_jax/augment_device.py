@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from simclr_jax import augment
+from simclr_jax import augment_params
 
 _LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)  # tf.image.rgb_to_grayscale.
 _BRIGHTNESS = {'multiplicative': jnp.multiply, 'additive': jnp.add}  # Additive: adjust_brightness.
@@ -58,8 +58,8 @@ def color_distortion(image, key, *, strength, brightness='multiplicative'):
   """With p=0.8 colour jitter of `strength`, then with p=0.2 grayscale (3 channels)."""
   jitter_apply_key, jitter_key, gray_apply_key = jax.random.split(key, 3)
   jittered = color_jitter(image, jitter_key, strength=strength, brightness=brightness)
-  image = _maybe(jitter_apply_key, augment.JITTER_PROBABILITY, jittered, image)
-  return _maybe(gray_apply_key, augment.GRAYSCALE_PROBABILITY, to_grayscale(image), image)
+  image = _maybe(jitter_apply_key, augment_params.JITTER_PROBABILITY, jittered, image)
+  return _maybe(gray_apply_key, augment_params.GRAYSCALE_PROBABILITY, to_grayscale(image), image)
 
 
 def color_jitter(image, key, *, strength, brightness='multiplicative'):
@@ -150,7 +150,7 @@ def random_blur(image, key, *, probability):
   The kernel radius is static, (height // 10) // 2 as in `augment.random_blur`.
   """
   apply_key, sigma_key = jax.random.split(key)
-  low, high = augment.BLUR_SIGMA_RANGE
+  low, high = augment_params.BLUR_SIGMA_RANGE
   sigma = jax.random.uniform(sigma_key, (), minval=low, maxval=high)
   blurred = gaussian_blur(image, sigma, radius=image.shape[0] // 10 // 2)
   return jnp.clip(_maybe(apply_key, probability, blurred, image), 0.0, 1.0)

@@ -11,6 +11,7 @@ import tensorflow as tf
 from conftest import tiny_pretrain_config
 from simclr_jax import augment
 from simclr_jax import augment_device
+from simclr_jax import augment_params
 from simclr_jax import mesh as mesh_lib
 from simclr_jax import pretrain
 
@@ -112,8 +113,8 @@ def test_color_distortion_frequencies():
   # Without jitter the output is the input, or exactly its grayscale.
   unjittered = np.where(gray[:, None, None, None], augment_device.to_grayscale(image), image)
   jittered = np.any(out != unjittered, axis=(1, 2, 3))
-  assert abs(gray.mean() - augment.GRAYSCALE_PROBABILITY) < 0.06
-  assert abs(jittered.mean() - augment.JITTER_PROBABILITY) < 0.06
+  assert abs(gray.mean() - augment_params.GRAYSCALE_PROBABILITY) < 0.06
+  assert abs(jittered.mean() - augment_params.JITTER_PROBABILITY) < 0.06
   assert 0.0 <= out.min() and out.max() <= 1.0
 
 
