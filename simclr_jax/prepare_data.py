@@ -14,7 +14,6 @@ dataset that is already prepared does nothing.
 """
 
 import codecs
-import gzip
 import io
 import itertools
 import os
@@ -28,7 +27,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-DEFAULT_SOURCES = {'fashion_mnist': '/usr/share/datasets/fashion-mnist'}
+from simclr_jax import memory_data
+
+DEFAULT_SOURCES = {'fashion_mnist': memory_data.DEFAULT_FASHION_MNIST_DIR}
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif')
 _FOLDER_VERSION = '1.0.0'
 
@@ -83,27 +84,8 @@ def _store(name, version, features, split_examples, data_dir, **info):
 def _fashion_mnist(reference, source):
   """{split: (key, example)} from the four IDX .gz files in `source`."""
   del reference  # Fashion-MNIST's class names are part of TFDS's feature definition.
-  files = {'train': 'train', 'test': 't10k'}
-  splits = {}
-  for split, prefix in files.items():
-    images = read_idx(os.path.join(source, f'{prefix}-images-idx3-ubyte.gz'))
-    labels = read_idx(os.path.join(source, f'{prefix}-labels-idx1-ubyte.gz'))
-    if images.ndim != 3 or labels.shape != images.shape[:1]:
-      raise ValueError(f'{source}: {prefix} images {images.shape} and labels {labels.shape} '
-                       'do not match.')
-    splits[split] = _examples(images[..., None], labels)
-  return splits
-
-
-def read_idx(path):
-  """The uint8 array of a gzipped IDX file (the MNIST file format)."""
-  with gzip.open(path, 'rb') as f:
-    data = f.read()
-  if data[:3] != b'\x00\x00\x08':
-    raise ValueError(f'{path} is not a uint8 IDX file.')
-  ndim = data[3]
-  shape = np.frombuffer(data, '>u4', count=ndim, offset=4)
-  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+  return {split: _examples(*memory_data.read_fashion_mnist(source, split))
+          for split in ('train', 'test')}
 
 
 def _cifar10(reference, archive):
