@@ -18,14 +18,7 @@ import functools
 
 import tensorflow as tf
 
-CROP_AREA_RANGE = (0.08, 1.0)
-CROP_ASPECT_RANGE = (3 / 4, 4 / 3)
-CROP_MIN_OBJECT_COVERED = 0.1
-CROP_MAX_ATTEMPTS = 100
-JITTER_PROBABILITY = 0.8
-GRAYSCALE_PROBABILITY = 0.2
-BLUR_SIGMA_RANGE = (0.1, 2.0)
-SMALL_IMAGE_SIZE = 32  # Eval views of images up to this size are not centre-cropped.
+from simclr_jax import augment_params
 
 
 def random_view(image, seed, *, height, width, color_strength=1.0, blur_probability=0.5,
@@ -47,14 +40,14 @@ def random_view(image, seed, *, height, width, color_strength=1.0, blur_probabil
   return view
 
 
-def eval_view(image, *, height, width, crop_fraction=0.875):
+def eval_view(image, *, height, width, crop_fraction=augment_params.EVAL_CROP_FRACTION):
   """Evaluation view: central crop of `crop_fraction` of the image, bicubic resize; float32 [0, 1].
 
   Targets of at most 32 pixels high (CIFAR-size data) are resized without cropping, as in the
   reference.
   """
   window = None
-  if height > SMALL_IMAGE_SIZE:
+  if height > augment_params.SMALL_IMAGE_SIZE:
     window = center_crop_window(image_shape(image), height=height, width=width,
                                 crop_fraction=crop_fraction)
   view = _resize(decode_window(image, window), height, width)
@@ -90,10 +83,10 @@ def random_crop_window(shape, seed, *, aspect_ratio=1.0):
       shape,
       bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
       seed=seed,
-      min_object_covered=CROP_MIN_OBJECT_COVERED,
-      aspect_ratio_range=[r * aspect_ratio for r in CROP_ASPECT_RANGE],
-      area_range=CROP_AREA_RANGE,
-      max_attempts=CROP_MAX_ATTEMPTS,
+      min_object_covered=augment_params.CROP_MIN_OBJECT_COVERED,
+      aspect_ratio_range=[r * aspect_ratio for r in augment_params.CROP_ASPECT_RANGE],
+      area_range=augment_params.CROP_AREA_RANGE,
+      max_attempts=augment_params.CROP_MAX_ATTEMPTS,
       use_image_if_no_bounding_boxes=True)
   return tf.concat([begin[:2], size[:2]], axis=0)
 
@@ -123,8 +116,8 @@ def color_distortion(image, seed, *, strength, brightness='multiplicative'):
   jitter_apply_seed, jitter_seed, gray_apply_seed = _split(seed, 3)
   image = _maybe_apply(lambda x: color_jitter(x, jitter_seed, strength=strength,
                                               brightness=brightness),
-                       image, JITTER_PROBABILITY, jitter_apply_seed)
-  return _maybe_apply(to_grayscale, image, GRAYSCALE_PROBABILITY, gray_apply_seed)
+                       image, augment_params.JITTER_PROBABILITY, jitter_apply_seed)
+  return _maybe_apply(to_grayscale, image, augment_params.GRAYSCALE_PROBABILITY, gray_apply_seed)
 
 
 def color_jitter(image, seed, *, strength, brightness='multiplicative'):
@@ -148,7 +141,7 @@ def to_grayscale(image):
 def random_blur(image, seed, *, probability):
   """With `probability`, Gaussian blur with sigma ~ U(0.1, 2.0); clipped to [0, 1]."""
   apply_seed, sigma_seed = _split(seed, 2)
-  sigma = tf.random.stateless_uniform([], sigma_seed, *BLUR_SIGMA_RANGE)
+  sigma = tf.random.stateless_uniform([], sigma_seed, *augment_params.BLUR_SIGMA_RANGE)
   radius = image.shape[0] // 10 // 2
   blurred = _maybe_apply(lambda x: gaussian_blur(x, sigma, radius=radius), image, probability,
                          apply_seed)

@@ -41,7 +41,6 @@ from concurrent import futures
 import contextlib
 import dataclasses
 import functools
-import gzip
 import io
 import itertools
 import os
@@ -57,9 +56,10 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from simclr_jax import console
+from simclr_jax import memory_data
 from simclr_jax.errors import UserError
 
-DEFAULT_SOURCES = {'fashion_mnist': '/usr/share/datasets/fashion-mnist'}
+DEFAULT_SOURCES = {'fashion_mnist': memory_data.DEFAULT_FASHION_MNIST_DIR}
 SPLIT_FOLDERS = ('train', 'test', 'validation', 'val', 'valid', 'unlabelled', 'unlabeled')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 SKIPPED_IMAGES_FILE = 'skipped_images.txt'
@@ -194,35 +194,11 @@ def _store(name, version, features, split_examples, data_dir, **info):
 def _fashion_mnist(reference, source):
   """{split: (count, (key, example) pairs)} from the four IDX .gz files in `source`."""
   del reference  # Fashion-MNIST's class names are part of TFDS's feature definition.
-  prefixes = {'train': 'train', 'test': 't10k'}
-  paths = {split: [os.path.join(source, f'{prefix}-{kind}-ubyte.gz')
-                   for kind in ('images-idx3', 'labels-idx1')]
-           for split, prefix in prefixes.items()}
-  missing = [os.path.basename(p) for pair in paths.values() for p in pair if not os.path.isfile(p)]
-  if missing:
-    raise UserError(f'--source={source} lacks the Fashion-MNIST files {", ".join(missing)}.')
   splits = {}
-  for split, (images_path, labels_path) in paths.items():
-    images, labels = read_idx(images_path), read_idx(labels_path)
-    if images.ndim != 3 or labels.shape != images.shape[:1]:
-      raise UserError(f'{images_path} holds {images.shape} images but {labels_path} '
-                      f'{labels.shape} labels.')
-    splits[split] = len(images), _examples(images[..., None], labels)
+  for split in ('train', 'test'):
+    images, labels = memory_data.read_fashion_mnist(source, split)
+    splits[split] = len(images), _examples(images, labels)
   return splits
-
-
-def read_idx(path):
-  """The uint8 array of a gzipped IDX file (the MNIST file format)."""
-  try:
-    with gzip.open(path, 'rb') as f:
-      data = f.read()
-  except (gzip.BadGzipFile, EOFError) as e:
-    raise UserError(f'{path} is not a complete gzip file ({e}).') from None
-  if data[:3] != b'\x00\x00\x08':
-    raise UserError(f'{path} is not a uint8 IDX file.')
-  ndim = data[3]
-  shape = np.frombuffer(data, '>u4', count=ndim, offset=4)
-  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def _cifar10(reference, archive):

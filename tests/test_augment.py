@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from simclr_jax import augment
+from simclr_jax import augment_params
 
 NUM_DRAWS = 400
 
@@ -77,8 +78,8 @@ def test_grayscale_and_jitter_frequencies():
   plain = _draws(lambda s: augment.random_view(image, s, color_strength=0.0, **size))
   gray = np.all(np.abs(full - full[..., :1]) < 1e-6, axis=(1, 2, 3))
   changed = np.any(np.abs(full - plain) > 1e-6, axis=(1, 2, 3))
-  assert abs(gray.mean() - augment.GRAYSCALE_PROBABILITY) < 0.07
-  assert abs(changed[~gray].mean() - augment.JITTER_PROBABILITY) < 0.08
+  assert abs(gray.mean() - augment_params.GRAYSCALE_PROBABILITY) < 0.07
+  assert abs(changed[~gray].mean() - augment_params.JITTER_PROBABILITY) < 0.08
   assert not np.any(np.all(np.abs(plain - plain[..., :1]) < 1e-6, axis=(1, 2, 3)))
 
 

@@ -1,5 +1,6 @@
-"""Tests of the on-device colour distortion and blur (simclr_jax/augment_device.py), against TF."""
+"""Tests of the on-device augmentation (simclr_jax/augment_device.py), against TF."""
 
+import functools
 import json
 import os
 
@@ -11,6 +12,7 @@ import tensorflow as tf
 from conftest import tiny_pretrain_config
 from simclr_jax import augment
 from simclr_jax import augment_device
+from simclr_jax import augment_params
 from simclr_jax import mesh as mesh_lib
 from simclr_jax import pretrain
 
@@ -111,9 +113,9 @@ def test_color_distortion_frequencies():
   gray = np.all(out == out[..., :1], axis=(1, 2, 3))
   # Without jitter the output is the input, or exactly its grayscale.
   unjittered = np.where(gray[:, None, None, None], augment_device.to_grayscale(image), image)
-  jittered = np.any(out != unjittered, axis=(1, 2, 3))
-  assert abs(gray.mean() - augment.GRAYSCALE_PROBABILITY) < 0.06
-  assert abs(jittered.mean() - augment.JITTER_PROBABILITY) < 0.06
+  jittered = np.any(np.abs(out - unjittered) > 1e-6, axis=(1, 2, 3))  # Grayscale: other rounding.
+  assert abs(gray.mean() - augment_params.GRAYSCALE_PROBABILITY) < 0.06
+  assert abs(jittered.mean() - augment_params.JITTER_PROBABILITY) < 0.06
   assert 0.0 <= out.min() and out.max() <= 1.0
 
 
@@ -176,9 +178,9 @@ def test_pretraining_with_on_device_augmentation(tiny_data_dir, tmp_path, monkey
 
   monkeypatch.setattr(augment_device, 'augment_views', spy)
   config = tiny_pretrain_config(tiny_data_dir, num_train_steps=2)
-  config.augment.on_device = True
-  config.augment.blur_probability = 0.5
-  pretrain.train_and_evaluate(config, str(tmp_path))
+  config.data.augment.on_device = True
+  config.data.augment.blur_probability = 0.5
+  pretrain.run(config, str(tmp_path))
 
   assert calls == [((16, 2, 16, 16, 3), dict(color_strength=0.5, blur_probability=0.5,
                                              brightness='multiplicative'))]
@@ -187,3 +189,134 @@ def test_pretraining_with_on_device_augmentation(tiny_data_dir, tmp_path, monkey
     records = [json.loads(line) for line in f]
   assert [r['step'] for r in records] == [1, 2]
   assert all(np.isfinite(r['loss']) for r in records)
+
+
+# Whole views from uint8 images: crop, resize, flip (random_view).
+
+NUM_CROPS = 4000
+
+
+def _uint8_image(shape, seed=0):
+  return np.random.RandomState(seed).randint(0, 256, shape).astype(np.uint8)
+
+
+def _two_sample_z(a, b):
+  """Per-category z of the difference of two samples' frequencies (pooled binomial variance)."""
+  categories = sorted(set(a) | set(b))
+  counts_a = np.array([np.sum(a == c) for c in categories])
+  counts_b = np.array([np.sum(b == c) for c in categories])
+  pooled = (counts_a + counts_b) / (len(a) + len(b))
+  sigma = np.sqrt(pooled * (1 - pooled) * (1 / len(a) + 1 / len(b)))
+  return (counts_a / len(a) - counts_b / len(b)) / sigma
+
+
+@pytest.mark.parametrize('shape,aspect_ratio', [((28, 28, 1), 1.0), ((5, 7, 3), 1.0),
+                                                ((24, 40, 3), 1.5)])
+def test_crop_windows_follow_tf_sample_distorted_bounding_box(shape, aspect_ratio):
+  sample = jax.jit(jax.vmap(lambda key: augment_device.random_crop_window(
+      shape, key, aspect_ratio=aspect_ratio)))
+  ours = np.asarray(sample(_keys(NUM_CROPS)))
+  tf_seeds = tf.random.experimental.stateless_split([7, 11], NUM_CROPS)
+  tf_sample = tf.function(lambda seeds: tf.map_fn(lambda seed: augment.random_crop_window(
+      tf.constant(shape), seed, aspect_ratio=aspect_ratio), seeds))
+  theirs = np.asarray(tf_sample(tf_seeds))
+
+  def statistics(windows):
+    y, x, h, w = windows.T
+    area = h * w / (shape[0] * shape[1])
+    return {'area': np.digitize(area, np.linspace(0, 1, 11)),
+            'aspect': np.digitize(w / h, np.linspace(0.5, 2.5, 11)),
+            'y': np.digitize(y / shape[0], np.linspace(0, 1, 6)),
+            'x': np.digitize(x / shape[1], np.linspace(0, 1, 6))}
+
+  for name, ours_stat in statistics(ours).items():
+    z = _two_sample_z(ours_stat, statistics(theirs)[name])
+    assert np.abs(z).max() < 4, (name, z)
+  if shape[0] * shape[1] < 50:  # Few distinct sizes: compare them one by one.
+    sizes = lambda windows: windows[:, 2] * 100 + windows[:, 3]
+    assert np.abs(_two_sample_z(sizes(ours), sizes(theirs))).max() < 4
+
+
+def test_crop_windows_fit_and_never_touch_the_far_edges_unless_full():
+  shape = (20, 30, 3)
+  windows = np.asarray(jax.jit(jax.vmap(lambda key: augment_device.random_crop_window(
+      shape, key)))(_keys(NUM_CROPS)))
+  y, x, h, w = windows.T
+  assert np.all((y >= 0) & (x >= 0) & (h >= 1) & (w >= 1))
+  assert np.all(h * w >= 0.1 * shape[0] * shape[1])  # min_object_covered, above the 0.08 area.
+  # TF draws offsets in [0, H - h): a crop shorter than the image never reaches its last row.
+  assert np.all(np.where(h < shape[0], y + h < shape[0], y == 0))
+  assert np.all(np.where(w < shape[1], x + w < shape[1], x == 0))
+  assert np.all((w / h > 0.75 * 0.8) & (w / h < 4 / 3 * 1.25))
+
+
+@pytest.mark.parametrize('image_shape,window,size', [
+    ((28, 30, 3), (0, 0, 28, 30), (28, 28)),   # Whole image, slightly downscaled.
+    ((28, 30, 3), (3, 5, 10, 13), (28, 28)),   # Upscaled window inside the image.
+    ((28, 30, 3), (0, 0, 5, 7), (32, 32)),     # At the top-left corner.
+    ((28, 30, 3), (10, 20, 18, 10), (16, 16)),  # Touching the bottom-right edges.
+    ((28, 30, 3), (27, 29, 1, 1), (8, 8)),     # One pixel.
+    ((28, 30, 1), (5, 5, 20, 20), (7, 9)),     # Grayscale, downscaled, non-square output.
+])
+def test_resize_window_matches_tf_bicubic_resize_of_the_crop(image_shape, window, size):
+  image = _uint8_image(image_shape)
+  y, x, h, w = window
+  crop = tf.image.convert_image_dtype(image[y:y + h, x:x + w], tf.float32)
+  expected = tf.image.resize(tf.image.grayscale_to_rgb(crop) if image_shape[-1] == 1 else crop,
+                             size, method='bicubic')
+  resize = jax.jit(augment_device.resize_window, static_argnames=('height', 'width'))
+  actual = resize(image, np.array(window), height=size[0], width=size[1])  # A traced window.
+  np.testing.assert_allclose(actual, expected, atol=1e-4)
+
+
+def test_flips_are_mirror_images_half_the_time():
+  image = _image()
+  out = _draws(augment_device.random_flip, image)
+  flipped = np.all(out == image[:, ::-1], axis=(1, 2, 3))
+  assert np.all(flipped | np.all(out == image, axis=(1, 2, 3)))
+  assert abs(flipped.mean() - 0.5) < 4 * np.sqrt(0.25 / NUM_DRAWS)
+
+
+def _random_view(image, key, **kwargs):
+  kwargs = dict(dict(height=24, width=24, color_strength=1.0, blur_probability=0.5), **kwargs)
+  return augment_device.random_view(image, key, **kwargs)
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_random_view_shape_range_and_determinism(channels):
+  image = _uint8_image((30, 36, channels))
+  out = _draws(_random_view, image)
+  assert out.shape == (NUM_DRAWS, 24, 24, 3) and out.dtype == np.float32
+  assert 0.0 <= out.min() and out.max() <= 1.0
+  assert len({view.tobytes() for view in out}) == NUM_DRAWS
+  np.testing.assert_allclose(out[0], jax.jit(_random_view)(image, _keys(NUM_DRAWS)[0]), atol=1e-6)
+  if channels == 1:  # Every op keeps a gray image gray.
+    np.testing.assert_allclose(out, np.broadcast_to(out[..., :1], out.shape), atol=1e-6)
+
+
+def test_light_random_view_keeps_colours():
+  """With colour and blur off a uniform image stays exactly its colour, whatever the crop."""
+  image = np.broadcast_to(np.array([40, 130, 220], np.uint8), (30, 36, 3))
+  out = _draws(functools.partial(_random_view, color_strength=0, blur_probability=0), image)
+  np.testing.assert_allclose(out, np.broadcast_to([40 / 255, 130 / 255, 220 / 255], out.shape),
+                             atol=1e-6)
+
+
+def test_random_views_use_one_key_per_view():
+  images = _uint8_image((3, 20, 20, 3))
+  keys = augment_device.view_keys(jax.random.key(0), np.array([5, 9, 2]), 2)
+  settings = dict(height=16, width=16, color_strength=0.5, blur_probability=0.0)
+  out = jax.jit(functools.partial(augment_device.random_views, **settings))(images, keys)
+  assert out.shape == (3, 2, 16, 16, 3)
+  expected = _random_view(images[1], jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 9),
+                                                        1), **settings)
+  np.testing.assert_allclose(out[1, 1], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize('image_shape,size', [((40, 48, 3), (36, 36)), ((96, 96, 3), (64, 64)),
+                                              ((28, 28, 1), (28, 28)), ((32, 32, 3), (24, 24))])
+def test_eval_view_matches_tf(image_shape, size):
+  image = _uint8_image(image_shape)
+  expected = augment.eval_view(tf.constant(image), height=size[0], width=size[1])
+  actual = augment_device.eval_view(image, height=size[0], width=size[1])
+  np.testing.assert_allclose(actual, expected, atol=1e-4)
