@@ -30,6 +30,7 @@ import numpy as np
 
 from simclr_jax import augment_device
 from simclr_jax import errors
+from simclr_jax import mesh as mesh_lib
 
 DEFAULT_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'  # Debian's dataset-fashion-mnist.
 _FASHION_MNIST_PREFIXES = {'train': 'train', 'test': 't10k'}
@@ -191,8 +192,9 @@ def eval_images(images, indices, *, height, width):
 def _batch_views(images, labels, step, *, seed, batch_size, steps_per_epoch, num_views,
                  **view_settings):
   _check_arrays(images, labels, 'images and labels')
-  ids = batch_indices(seed, step, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
-                      num_examples=images.shape[0])
+  ids = mesh_lib.shard_along_data(batch_indices(
+      seed, step, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
+      num_examples=images.shape[0]))
   epoch_key = jax.random.fold_in(jax.random.key(seed), step // steps_per_epoch)
   keys = augment_device.view_keys(epoch_key, ids, num_views)
   views = augment_device.random_views(images[ids], keys, **view_settings)
@@ -225,9 +227,14 @@ def _checked(images, labels, where):
   return images, None if labels is None else labels.astype(np.int32)
 
 
+def tensorflow_available():
+  """Whether TensorFlow and TFDS are installed (checked without importing them)."""
+  return all(importlib.util.find_spec(m) for m in ('tensorflow', 'tensorflow_datasets'))
+
+
 def _maybe_prepared_for_tfds(dataset, data_dir):
   """Whether TFDS is installed and data_dir may hold `dataset`; checked without importing TF."""
-  if not all(importlib.util.find_spec(m) for m in ('tensorflow', 'tensorflow_datasets')):
+  if not tensorflow_available():
     return False
   data_dir = data_dir or _tfds_data_dir()
   if '://' in data_dir:  # Cloud storage: only TFDS can look.

@@ -30,6 +30,17 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def shard_along_data(x: jax.Array) -> jax.Array:
+  """`x` constrained to be split over the context mesh's data axis (as is without such a mesh).
+
+  Inside a jitted function, this makes XLA partition the work that produces `x` by rows.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or DATA_AXIS not in mesh.axis_names:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(DATA_AXIS))
+
+
 def check_global_batch_size(batch_size: int, mesh: Mesh) -> None:
   """Raises before any compute if `batch_size` cannot be split over devices and processes."""
   num_devices, num_processes = mesh.devices.size, jax.process_count()

@@ -83,7 +83,7 @@ def prepare(name, *, source=None, data_dir=None, skip_bad_images=False):
     return _store(name, reference.version, info.features, BUILDERS[name](reference, source),
                   data_dir, description=info.description, homepage=info.homepage,
                   citation=info.citation)
-  if _registered(name):
+  if is_registered(name):
     raise UserError(f'{name!r} is a registered TFDS dataset that this program cannot build '
                     f'(get it with: {command(name, data_dir)}); choose another name for an '
                     'image folder.')
@@ -128,7 +128,7 @@ def tfds_builder(dataset, data_dir=None):
 
   Never goes online (TFDS's own look-up of an unknown name queries its community index on GCS).
   """
-  if _registered(dataset):
+  if is_registered(dataset):
     return tfds.builder(dataset, data_dir=data_dir)
   builder = _prepared_builder(dataset, data_dir)
   if builder is None:
@@ -147,7 +147,7 @@ def can_prepare_offline(name):
 def command(name, data_dir=None):
   """The shell command that prepares `name`: from local files, or TFDS's download."""
   data_dir = f' --data_dir={data_dir}' if data_dir else ''
-  if name not in BUILDERS and _registered(name):
+  if name not in BUILDERS and is_registered(name):
     return f'tfds build {name}{data_dir} (needs internet; or copy a prepared data_dir here)'
   source = '' if can_prepare_offline(name) else f' --source={_source_example(name)}'
   return f'python -m simclr_jax.prepare_data {name}{source}{data_dir}'
@@ -158,7 +158,8 @@ def _registered_names():
   return frozenset(tfds.list_builders(with_community_datasets=False))  # The default goes online.
 
 
-def _registered(dataset):
+def is_registered(dataset):
+  """Whether TFDS has a builder of this name (looked up offline)."""
   return re.split('[:/]', dataset)[0] in _registered_names()  # 'name/config:version'
 
 

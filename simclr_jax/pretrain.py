@@ -37,10 +37,11 @@ def probe_loss_and_metrics(logits: jax.Array, labels: jax.Array) -> tuple[jax.Ar
 
 def train_step(state: train_state_lib.TrainState, batch: dict, *, model, tx, schedule,
                temperature: float, similarity: str, make_views: Callable):
-  """One SimCLR update on a global batch; `make_views(batch, key)` gives (views [B, 2, H, W, 3],
-  labels [B]) with the key of this step (see data.make_views)."""
+  """One SimCLR update on a global batch; `make_views(batch, step, key)` gives (views
+  [B, 2, H, W, 3], labels [B]) with the key of this step (see data.make_views)."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  views, labels = make_views(batch, key)
+  views, labels = make_views(batch, state.step, key)
+  views = mesh_lib.shard_along_data(views)
   num_images = views.shape[0]
   # Interleaved views (rows 2i, 2i+1 = image i): one encoder pass, BatchNorm over both views.
   images = views.reshape((2 * num_images,) + views.shape[2:])
@@ -123,8 +124,9 @@ def build(config: ml_collections.ConfigDict, split: data.Split,
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                         temperature=config.temperature, similarity=config.similarity,
-                        make_views=data.make_views(split)),
-      in_shardings=(replicated, mesh_lib.batch_sharded(mesh)),
+                        make_views=data.make_views(split, seed=config.seed,
+                                                   batch_size=config.batch_size)),
+      in_shardings=(replicated, None),  # Batches come placed: sharded (tfds) or replicated.
       out_shardings=(replicated, replicated), donate_argnums=(0,))
   return Setup(config, split, mesh, model, num_classes,
                data.steps_per_epoch(split.num_examples, config.batch_size), total_steps,

@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 from configs import eval as eval_config
 from conftest import TINY_IMAGE_SIZE, TINY_NUM_CLASSES, count_compilations, tiny_pretrain_config
 from simclr_jax import checkpointing
+from simclr_jax import data
 from simclr_jax import errors
 from simclr_jax import eval_setup
 from simclr_jax import evaluate
@@ -339,3 +340,21 @@ def test_linear_protocol_learns_and_leaves_the_encoder_untouched(separable_data_
     for a, b in zip(jax.tree.leaves(jax.device_get(frozen[collection])),
                     jax.tree.leaves(jax.device_get(getattr(saved, collection)))):
       np.testing.assert_array_equal(a, b)
+
+
+def test_memory_source_gives_the_features_of_the_tfds_source(pretrain_run, tiny_data_dir):
+  """Evaluation views made on device (memory) equal tf.data's, so kNN and linear_features see
+  the same features whichever source the run used."""
+  mesh = mesh_lib.create_mesh()
+  features = {}
+  for source in ('tfds', 'memory'):
+    config = _eval_config('knn', **{'data.source': source})
+    evaluation = eval_setup.prepare(config, pretrain_run[0], None, mesh)
+    with jax.set_mesh(mesh):
+      encoder = eval_setup.load_encoder(evaluation, mesh)
+      features[source] = jax.device_get(protocols.extract_features(
+          encoder, data.eval_batches(evaluation.task.test, mesh, batch_size=16), mesh))
+  np.testing.assert_array_equal(features['memory']['mask'], features['tfds']['mask'])
+  np.testing.assert_array_equal(features['memory']['label'], features['tfds']['label'])
+  np.testing.assert_allclose(features['memory']['features'], features['tfds']['features'],
+                             rtol=1e-4, atol=1e-4)

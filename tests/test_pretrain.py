@@ -114,3 +114,38 @@ def test_nan_loss_stops_and_keeps_only_finite_checkpoints(tiny_data_dir, tmp_pat
   for step in steps:
     params = restored_params(str(tmp_path), step)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params)), step
+
+
+@pytest.fixture(scope='module')
+def memory_run(tiny_data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('memory'))
+  pretrain.run(tiny_pretrain_config(tiny_data_dir, **{'data.source': 'memory'}), workdir)
+  return workdir
+
+
+def test_memory_source_trains_and_resumes_exactly(memory_run, tiny_data_dir, tmp_path):
+  reference = read_metrics(memory_run)
+  assert [r['step'] for r in reference] == [1, 2, 3, 4]
+  assert all(np.isfinite(r['loss']) and np.isfinite(r['probe_acc']) for r in reference)
+  workdir = str(tmp_path / 'crashed')
+  shutil.copytree(memory_run, workdir)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
+  os.remove(os.path.join(workdir, 'metrics.jsonl'))
+  pretrain.run(tiny_pretrain_config(tiny_data_dir, **{'data.source': 'memory'}), workdir)
+  resumed = read_metrics(workdir)
+  assert [r['step'] for r in resumed] == [3, 4]
+  np.testing.assert_allclose([r['loss'] for r in resumed], [r['loss'] for r in reference[2:]],
+                             rtol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, restored_params(workdir, 4),
+               restored_params(memory_run, 4))
+
+
+def test_memory_source_one_and_eight_devices_give_the_same_losses(memory_run, tiny_data_dir,
+                                                                  tmp_path):
+  workdir = str(tmp_path / 'one_device')
+  pretrain.run(tiny_pretrain_config(tiny_data_dir, **{'data.source': 'memory'}), workdir,
+               mesh=mesh_lib.create_mesh(jax.devices()[:1]))
+  one, eight = read_metrics(workdir), read_metrics(memory_run)
+  for key in ('loss', 'contrastive_acc', 'probe_loss'):
+    np.testing.assert_allclose([r[key] for r in one], [r[key] for r in eight],
+                               rtol=2e-5, atol=1e-6, err_msg=key)
