@@ -5,27 +5,42 @@ import math
 import jax
 import optax
 
-
-def _is_lars_kernel(path, _) -> bool:
-  """Conv and dense kernels outside the online probe (the official 'head_supervised' exclusion)."""
-  names = [getattr(key, 'key', getattr(key, 'name', None)) for key in path]
-  return names[-1] == 'kernel' and 'probe' not in names
+from simclr_jax.errors import UserError
 
 
-def lars_mask(params):
-  """True for the leaves that LARS decays and adapts; biases, BatchNorm and the probe are False."""
-  return jax.tree_util.tree_map_with_path(_is_lars_kernel, params)
+def _leaf_names(path) -> list:
+  return [getattr(key, 'key', getattr(key, 'name', None)) for key in path]
+
+
+def weight_decay_mask(params):
+  """True for conv and dense kernels, the leaves that get wd * w added to their gradient.
+
+  Biases and BatchNorm parameters are False (the official 'bias' and 'batch_normalization'
+  exclusions). The online probe's kernel is True: the official code decays 'head_supervised'
+  through an L2 term wd/2 |w|^2 in the loss, whose gradient is the same wd * w.
+  """
+  return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_names(path)[-1] == 'kernel',
+                                          params)
+
+
+def trust_ratio_mask(params):
+  """True for conv and dense kernels outside the online probe ('head_supervised' officially)."""
+  def adapted(path, _):
+    names = _leaf_names(path)
+    return names[-1] == 'kernel' and 'probe' not in names
+  return jax.tree_util.tree_map_with_path(adapted, params)
 
 
 def lars(learning_rate, weight_decay, momentum=0.9, trust_coefficient=1e-3):
   """LARS as in the SimCLR code (classic momentum, learning rate inside the momentum buffer).
 
   Kernels outside `probe` get weight decay added to the gradient and the trust ratio
-  trust_coefficient * |w| / |g| (1 if a norm is 0); all other leaves get plain momentum SGD.
+  trust_coefficient * |w| / |g| (1 if a norm is 0); the probe's kernel gets weight decay added
+  to its gradient and no trust ratio; biases and BatchNorm parameters get plain momentum SGD.
   """
-  return optax.lars(learning_rate, weight_decay=weight_decay, weight_decay_mask=lars_mask,
-                    trust_coefficient=trust_coefficient, eps=0.0, trust_ratio_mask=lars_mask,
-                    momentum=momentum, nesterov=False)
+  return optax.lars(learning_rate, weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
+                    trust_coefficient=trust_coefficient, eps=0.0,
+                    trust_ratio_mask=trust_ratio_mask, momentum=momentum, nesterov=False)
 
 
 def learning_rate_schedule(base_learning_rate, batch_size, num_train_steps, warmup_steps,
@@ -39,10 +54,10 @@ def learning_rate_schedule(base_learning_rate, batch_size, num_train_steps, warm
   elif scaling == 'sqrt':
     peak = base_learning_rate * math.sqrt(batch_size)
   else:
-    raise ValueError(f"Unknown learning-rate scaling {scaling!r}; expected 'linear' or 'sqrt'.")
+    raise UserError(f"Unknown learning_rate_scaling {scaling!r}; use 'linear' or 'sqrt'.")
   if warmup_steps < 0 or num_train_steps < 1:
-    raise ValueError(f'Need warmup_steps >= 0 and num_train_steps >= 1, got {warmup_steps} and '
-                     f'{num_train_steps}.')
+    raise UserError(f'Need warmup_steps >= 0 and num_train_steps >= 1, got {warmup_steps} and '
+                    f'{num_train_steps}; set warmup_epochs >= 0 and a run of at least one step.')
   if warmup_steps >= num_train_steps:  # Short runs never leave the warmup, as in the official code.
     return optax.linear_schedule(0.0, peak, warmup_steps)
   return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, num_train_steps)

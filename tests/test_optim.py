@@ -7,10 +7,14 @@ import numpy as np
 import pytest
 
 from simclr_jax import optim
+from simclr_jax.errors import UserError
 
-# Leaves that get weight decay and the trust ratio in the official code: conv and dense kernels
-# outside the supervised head. Everything else gets plain momentum SGD.
+# The official exclusions (tf2/model.py L35-69), leaf by leaf. LARS: weight decay and the trust
+# ratio for conv and dense kernels outside the supervised head. The supervised head ('probe') gets
+# wd * w through the L2 term in the loss on its kernel (not its bias), and no trust ratio.
+# Everything else (BatchNorm, biases) gets plain momentum SGD.
 ADAPTED = {('encoder', 'conv_init', 'kernel'), ('head', 'dense_out', 'kernel')}
+L2_IN_LOSS = {('probe', 'kernel')}
 
 
 def _params(rng):
@@ -26,13 +30,16 @@ def _params(rng):
 
 
 def _reference_lars(params, grads, learning_rates, weight_decay, momentum, eta):
-  """SimCLR lars_optimizer.py with classic momentum, leaf by leaf."""
+  """SimCLR's tf2/lars_optimizer.py (classic momentum, L83-137) leaf by leaf, with the supervised
+  head's L2 loss term (tf2/model.py L47-60) added to its kernel's gradient."""
   flat = {path: np.array(w) for path, w in _flatten(params).items()}
   velocity = {path: np.zeros_like(w) for path, w in flat.items()}
   for step_grads, lr in zip(grads, learning_rates):
     for path, g in _flatten(step_grads).items():
       w = flat[path]
       trust = 1.0
+      if path in L2_IN_LOSS:
+        g = g + weight_decay * w  # The gradient of weight_decay * tf.nn.l2_loss(w).
       if path in ADAPTED:
         g = g + weight_decay * w
         w_norm, g_norm = np.linalg.norm(w), np.linalg.norm(g)
@@ -48,9 +55,12 @@ def _flatten(tree):
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def test_lars_mask():
-  mask = _flatten(optim.lars_mask(_params(np.random.default_rng(0))))
-  assert {path for path, adapted in mask.items() if adapted} == ADAPTED
+def test_masks():
+  params = _params(np.random.default_rng(0))
+  trust = _flatten(optim.trust_ratio_mask(params))
+  decay = _flatten(optim.weight_decay_mask(params))
+  assert {path for path, adapted in trust.items() if adapted} == ADAPTED
+  assert {path for path, decayed in decay.items() if decayed} == ADAPTED | L2_IN_LOSS
 
 
 def test_lars_matches_reference_with_schedule():
@@ -59,7 +69,8 @@ def test_lars_matches_reference_with_schedule():
   grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
            for _ in range(5)]
   schedule = optim.learning_rate_schedule(2.0, 512, num_train_steps=6, warmup_steps=2)
-  weight_decay, momentum, eta = 1e-2, 0.9, 1e-3
+  # A weight decay large enough that wd * w is not lost next to the gradient.
+  weight_decay, momentum, eta = 0.5, 0.9, 1e-3
   learning_rates = [float(schedule(step)) for step in range(5)]
   assert learning_rates[0] == 0 and len(set(learning_rates)) == 5
 
@@ -113,5 +124,5 @@ def test_schedule_shorter_than_warmup_stays_in_warmup():
 ])
 def test_schedule_bad_arguments(kwargs):
   args = dict(base_learning_rate=1.0, batch_size=256, num_train_steps=100, warmup_steps=10)
-  with pytest.raises(ValueError):
+  with pytest.raises(UserError):
     optim.learning_rate_schedule(**(args | kwargs))

@@ -41,8 +41,8 @@ def test_writes_metrics_and_checkpoints(uninterrupted):
   assert [r['step'] for r in records] == [1, 2, 3, 4]
   for key in ('loss', 'contrastive_acc', 'learning_rate', 'images_per_sec', 'probe_acc'):
     assert all(np.isfinite(r[key]) for r in records), key
-  # Chance level of NT-Xent with 2N = 32 views is log(31).
-  assert records[0]['chance_loss'] == pytest.approx(np.log(31), rel=1e-5)
+  # Chance level of the objective (loss_a + loss_b) with 2N = 32 views is 2 log(31).
+  assert records[0]['chance_loss'] == pytest.approx(2 * np.log(31), rel=1e-5)
   assert checkpointing.Checkpointer(uninterrupted, create=False).all_steps() == [2, 4]
 
 

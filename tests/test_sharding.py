@@ -9,6 +9,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from simclr_jax import losses, models
+from simclr_jax.errors import UserError
+from test_losses import official_objective_and_metrics
 
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
@@ -36,10 +38,17 @@ def _loss_and_grads(z_a, z_b, similarity, mesh):
 
 
 @pytest.mark.parametrize('similarity', ['cosine', 'euclidean'])
-def test_sharded_loss_and_gradients_match_one_device(similarity):
+def test_sharded_loss_metrics_and_gradients_match_one_device(similarity):
   rng = np.random.default_rng(0)
   z_a, z_b = rng.normal(size=(2, 16, 8)).astype(np.float32)
   (loss, metrics), grads = _loss_and_grads(z_a, z_b, similarity, _mesh(1))
+  official_loss, official_acc, official_entropy = official_objective_and_metrics(
+      z_a.astype(np.float64), z_b.astype(np.float64), 0.2, similarity)
+  np.testing.assert_allclose(loss, official_loss, rtol=1e-5)
+  np.testing.assert_allclose(metrics['contrastive_acc'], official_acc)
+  np.testing.assert_allclose(metrics['contrastive_entropy'], official_entropy, rtol=1e-5)
+  assert set(metrics) == {'contrastive_acc', 'contrastive_entropy', 'contrastive_acc_all',
+                          'chance_loss'}
   for k in (2, 8):
     (loss_k, metrics_k), grads_k = _loss_and_grads(z_a, z_b, similarity, _mesh(k))
     np.testing.assert_allclose(loss_k, loss, rtol=1e-6)
@@ -50,6 +59,7 @@ def test_sharded_loss_and_gradients_match_one_device(similarity):
   # Without any mesh: the same numbers.
   unsharded = losses.contrastive_loss_and_metrics(z_a, z_b, 0.2, similarity)
   np.testing.assert_allclose(unsharded[0], loss, rtol=1e-6)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6), unsharded[1], metrics)
 
 
 def test_sharded_loss_builds_only_local_logits():
@@ -63,7 +73,7 @@ def test_sharded_loss_builds_only_local_logits():
 def test_batch_must_split_over_devices():
   z = np.ones((12, 8), np.float32)
   with jax.set_mesh(_mesh(8)):
-    with pytest.raises(ValueError, match='split'):
+    with pytest.raises(UserError, match='split'):
       losses.nt_xent(z, z, 0.5)
 
 
