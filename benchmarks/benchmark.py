@@ -6,8 +6,9 @@ r"""Throughput of SimCLR pretraining: device step, host input, end to end, and a
 Measures, for the config's model, batch and image size:
   device   the real jitted `pretrain.train_step`, built by `pretrain.build` as `pretrain.run`
            uses it (donated state, replicated state and batch-sharded inputs on
-           `mesh.create_mesh()`, under `jax.set_mesh`), on synthetic batches already on device: step time (median over
-           --windows windows of the --steps timed steps, blocking only at the end of a window),
+           `mesh.create_mesh()`, under `jax.set_mesh`), on synthetic batches already on device:
+           step time (median over --windows windows of the --steps timed steps, blocking only at
+           the end of a window),
            images/s, views/s, lower + compile time, XLA's FLOPs of the compiled step, achieved
            FLOP/s and MFU, peak device memory. The timed window runs under
            `jax.transfer_guard('disallow')` (no host transfer can hide in the step) and checks
@@ -153,14 +154,6 @@ def resolve_data(config, notes):
           data.open_split(config.data, config.data.train_split))
 
 
-def synthetic_split(config, num_classes):
-  """A stand-in data.Split for the device step alone: the step reads only its settings."""
-  from simclr_jax import data  # pylint: disable=g-import-not-at-top
-  size = config.data.image_size
-  return data.Split(config.data, 'synthetic', num_examples=1000 * config.batch_size,
-                    num_classes=num_classes or None, image_shape=(size, size, 3), reader=None)
-
-
 def _num_classes(config, split):
   if not config.online_probe:
     return 0
@@ -264,10 +257,12 @@ def _cpu_seconds():
 def bench_device(config, mesh, num_classes, notes):
   """Compiles the real train step and times it on a device-resident synthetic batch."""
   import jax  # pylint: disable=g-import-not-at-top
+  from simclr_jax import data  # pylint: disable=g-import-not-at-top
   from simclr_jax import pretrain  # pylint: disable=g-import-not-at-top
 
-  # The schedule's length does not change the step's cost: a synthetic split stands in.
-  setup = pretrain.build(config, synthetic_split(config, num_classes), mesh)
+  # The schedule's length does not change the step's cost: a stand-in split of 1000 batches.
+  split = data.stand_in_split(config.data, 1000 * config.batch_size, num_classes or None)
+  setup = pretrain.build(config, split, mesh)
   step_fn = setup.step_fn
   state = setup.create_state(jax.random.key(config.seed))
   batch = _synthetic_batch(config, num_classes, mesh)

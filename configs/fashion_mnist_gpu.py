@@ -3,7 +3,7 @@ r"""Fashion-MNIST at the accelerator budget: ResNet-18 (CIFAR stem, width 1), 20
     python run_pretrain.py --config=configs/fashion_mnist_gpu.py --workdir=runs/fmnist_gpu
     python run_eval.py --workdir=runs/fmnist_gpu --config.protocol=linear_features
 
-Batch 512, 23,400 steps, LARS lr 1.0 x B/256 with 10 warmup epochs, tau 0.5, colour strength 0.5,
+Batch 512, 23,438 steps, LARS lr 1.0 x B/256 with 10 warmup epochs, tau 0.5, colour strength 0.5,
 bf16 compute, 3-layer head (the CIFAR-10 recipe of configs/cifar10.py on Fashion-MNIST's 28 px
 images). Minutes to an hour on one modern GPU; not yet measured here (see docs/results.md).
 """

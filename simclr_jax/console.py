@@ -5,9 +5,9 @@ ERROR and above of everyone else. JAX and TensorFlow log through their own logge
 Orbax log through absl's logger like this project, so the filter looks at the logger's name and,
 for absl's shared logger, at the file that logged: a record is third-party when its file lies in
 the Python installation (site-packages, the standard library) and outside `simclr_jax`. Python
-warnings are logged too (logger 'py.warnings', third-party). C++ logs of TensorFlow and XLA are cut at their source by
-TF_CPP_MIN_LOG_LEVEL, which takes effect only when set before TensorFlow or JAX first log;
-`log_file` therefore records only Python-side logs.
+warnings are logged too (logger 'py.warnings', third-party). C++ logs of TensorFlow and XLA are
+cut at their source by TF_CPP_MIN_LOG_LEVEL, which takes effect only when set before TensorFlow
+or JAX first log; `log_file` therefore records only Python-side logs.
 """
 
 import logging

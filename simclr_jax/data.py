@@ -56,6 +56,14 @@ class Split:
     return f'{self.config.dataset} {self.split}'
 
 
+def stand_in_split(data_config: ml_collections.ConfigDict, num_examples: int,
+                   num_classes: int | None) -> Split:
+  """A Split with no data behind it, at data_config.image_size: for building a train step that
+  is fed made-up batches (benchmarks, tests)."""
+  size = data_config.image_size
+  return Split(data_config, 'stand-in', num_examples, num_classes, (size, size, 3), None)
+
+
 def prepare(data_config: ml_collections.ConfigDict) -> None:
   """Prepares data_config.dataset if needed (from local files, or a TFDS download).
 

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from simclr_jax.errors import UserError
+from simclr_jax.mesh import DATA_AXIS
 
-DATA_AXIS = 'data'
 _SIMILARITIES = ('cosine', 'euclidean')
 
 

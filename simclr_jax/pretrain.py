@@ -18,6 +18,7 @@ from simclr_jax import distributed
 from simclr_jax import losses
 from simclr_jax import mesh as mesh_lib
 from simclr_jax import metrics_writer
+from simclr_jax import monitor
 from simclr_jax import models
 from simclr_jax import optim
 from simclr_jax import train_loop
@@ -61,16 +62,9 @@ def train_step(state: train_state_lib.TrainState, batch: dict, *, model, tx, sch
     return loss, (metrics, updates['batch_stats'])
 
   grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-  state, learning_rate = apply_gradients(state, grads, batch_stats, tx=tx, schedule=schedule)
+  state, learning_rate = train_state_lib.apply_gradients(state, grads, batch_stats, tx=tx,
+                                                        schedule=schedule)
   return state, {**metrics, 'learning_rate': learning_rate}
-
-
-def apply_gradients(state: train_state_lib.TrainState, grads, batch_stats, *, tx, schedule):
-  """The optimizer update of `state`; returns (new state, learning rate of this step)."""
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            batch_stats=batch_stats, opt_state=opt_state)
-  return new_state, schedule(state.step)
 
 
 @jax.jit
@@ -217,11 +211,12 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       return (f'Loss is {loss} at step {step}; stopping. The last good checkpoint is step '
               f'{checkpointer.latest_step()} in {checkpointer.directory}.')
 
+    knn = monitor.knn_monitor(config, setup.model, mesh)
     with _StopRequest() as stop:
       result = train_loop.run(
           state, setup.step_fn, batches, first_step=start_step + 1,
           last_step=setup.total_steps, log_every_steps=config.log_every_steps, on_log=log,
-          non_finite_message=non_finite_message,
+          non_finite_message=non_finite_message, evaluations=(knn,) if knn else (),
           actions=(train_loop.Periodic(config.checkpoint_every_steps, save),),
           should_stop=lambda step: stop.requested or checkpointer.reached_preemption(step))
     if result.stopped_at is not None:

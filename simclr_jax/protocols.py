@@ -22,7 +22,6 @@ from simclr_jax import mesh as mesh_lib
 from simclr_jax import metrics_writer
 from simclr_jax import models
 from simclr_jax import optim
-from simclr_jax import pretrain
 from simclr_jax import train_loop
 from simclr_jax import train_state as train_state_lib
 
@@ -50,58 +49,73 @@ def _add(total: dict | None, counts: dict) -> dict:
   return counts if total is None else jax.tree.map(jnp.add, total, counts)
 
 
-def test_accuracies(evaluation, mesh, score_fn, *args) -> dict:
-  """Accuracies over the test split of score_fn(*args, images) -> scores [B, classes]."""
+def accuracies(split: data.Split, mesh, batch_size: int, score_fn, *args) -> dict:
+  """Accuracies over `split` of score_fn(*args, images) -> scores [B, classes]."""
   @functools.partial(jax.jit, out_shardings=mesh_lib.replicated(mesh))
   def count(args, batch):
     return count_correct(score_fn(*args, batch['image']), batch['label'], batch['mask'])
 
   total = None
-  for batch in data.eval_batches(evaluation.task.test, mesh,
-                                 batch_size=evaluation.config.batch_size):
+  for batch in data.eval_batches(split, mesh, batch_size=batch_size):
     total = _add(total, count(args, batch))
   return _accuracies(total)
 
 
-# Features (linear_features, knn).
+# Features (linear_features, knn, the kNN monitor of pretraining).
 
-def feature_fn(encoder: eval_setup.Encoder):
-  """(variables, images [B, H, W, 3]) -> features [B, F]: h, or the flattened pixels."""
-  if encoder.model is None:
-    return lambda variables, images: images.reshape(images.shape[0], -1)
-  return functools.partial(encoder.model.apply, train=False, method=models.SimCLRModel.encode)
+@functools.partial(jax.jit, static_argnames=('model',))
+def features(variables: dict, images: jax.Array, model: models.SimCLRModel | None) -> jax.Array:
+  """h of `model` in inference mode (None: the flattened pixels), split like the images.
+
+  `model` is static: one compilation per architecture and batch shape, however many times it
+  runs (the monitor calls it with new variables at every evaluation).
+  """
+  if model is None:
+    return images.reshape(images.shape[0], -1)
+  return mesh_lib.shard_along_data(
+      model.apply(variables, images, train=False, method=models.SimCLRModel.encode))
 
 
 def extract_features(encoder: eval_setup.Encoder, batches, mesh: jax.sharding.Mesh) -> dict:
   """{'features', 'label', 'mask'} of all `batches`, as global arrays sharded over the mesh."""
-  encode = jax.jit(feature_fn(encoder), out_shardings=mesh_lib.batch_sharded(mesh))
   rows = []
   for batch in batches:  # Dispatch is asynchronous: the host prepares the next batch meanwhile.
-    rows.append({'features': encode(encoder.variables, batch['image']),
+    rows.append({'features': features(encoder.variables, batch['image'], encoder.model),
                  'label': batch['label'], 'mask': batch['mask']})
   local = [jax.tree.map(lambda x: np.asarray(multihost_utils.global_array_to_host_local_array(
       x, mesh, P(mesh_lib.DATA_AXIS))), row) for row in rows]
   return mesh_lib.to_global(jax.tree.map(lambda *xs: np.concatenate(xs), *local), mesh)
 
 
-def _train_features(evaluation, encoder, mesh):
-  return extract_features(encoder, data.eval_batches(
-      evaluation.task.train, mesh, batch_size=evaluation.config.batch_size), mesh)
+@functools.partial(jax.jit, static_argnames=('model', 'num_classes', 'k', 'temperature'))
+def _knn_counts(variables, bank, batch, *, model, num_classes, k, temperature):
+  scores = knn.class_scores(features(variables, batch['image'], model), bank['features'],
+                            bank['label'], bank['mask'], num_classes=num_classes, k=k,
+                            temperature=temperature)
+  return count_correct(scores, batch['label'], batch['mask'])
+
+
+def knn_accuracies(encoder: eval_setup.Encoder, bank: data.Split, queries: data.Split, mesh, *,
+                   batch_size: int, k: int, temperature: float) -> dict:
+  """Weighted kNN accuracies of every example of `queries` against the l2-normalised features of
+  `bank` (evaluation views of both)."""
+  bank_features = extract_features(
+      encoder, data.eval_batches(bank, mesh, batch_size=batch_size), mesh)
+  bank_features['features'] = jax.jit(knn.l2_normalize)(bank_features['features'])
+  total = None
+  for batch in data.eval_batches(queries, mesh, batch_size=batch_size):
+    total = _add(total, _knn_counts(encoder.variables, bank_features, batch, model=encoder.model,
+                                    num_classes=bank.num_classes, k=k, temperature=temperature))
+  return _accuracies(total)
 
 
 def run_knn(evaluation: eval_setup.Evaluation, encoder: eval_setup.Encoder, mesh) -> dict:
-  """Weighted kNN of every test example against the l2-normalised train features."""
+  """Weighted kNN of every test example against the train features."""
   cfg, task = evaluation.config.knn, evaluation.task
-  bank = _train_features(evaluation, encoder, mesh)
-  bank['features'] = jax.jit(knn.l2_normalize)(bank['features'])
-
-  def scores(variables, bank, images):
-    return knn.class_scores(feature_fn(encoder)(variables, images), bank['features'],
-                            bank['label'], bank['mask'], num_classes=task.num_classes,
-                            k=cfg.k, temperature=cfg.temperature)
-
-  return {**test_accuracies(evaluation, mesh, scores, encoder.variables, bank), 'k': cfg.k,
-          'temperature': cfg.temperature}
+  return {**knn_accuracies(encoder, task.train, task.test, mesh,
+                           batch_size=evaluation.config.batch_size, k=cfg.k,
+                           temperature=cfg.temperature),
+          'k': cfg.k, 'temperature': cfg.temperature}
 
 
 def run_linear_features(evaluation: eval_setup.Evaluation, encoder: eval_setup.Encoder,
@@ -109,9 +123,8 @@ def run_linear_features(evaluation: eval_setup.Evaluation, encoder: eval_setup.E
   """Logistic regression on standardised features; L2 strength chosen on held-out train rows."""
   config, task = evaluation.config, evaluation.task
   cfg = config.linear_features
-  train = _train_features(evaluation, encoder, mesh)
-  test = extract_features(encoder, data.eval_batches(task.test, mesh,
-                                                     batch_size=config.batch_size), mesh)
+  train, test = (extract_features(encoder, data.eval_batches(
+      split, mesh, batch_size=config.batch_size), mesh) for split in (task.train, task.test))
   weights = train['mask'].astype(jnp.float32)
   train_x, test_x = jax.jit(logistic_regression.standardize)(train['features'], weights,
                                                               test['features'])
@@ -169,8 +182,8 @@ def classifier_train_step(state: train_state_lib.TrainState, frozen: dict, batch
     return loss, ({'loss': loss, 'accuracy': accuracy}, batch_stats)
 
   grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-  state, learning_rate = pretrain.apply_gradients(state, grads, batch_stats, tx=tx,
-                                                  schedule=schedule)
+  state, learning_rate = train_state_lib.apply_gradients(state, grads, batch_stats, tx=tx,
+                                                         schedule=schedule)
   return state, {**metrics, 'learning_rate': learning_rate}
 
 
@@ -267,5 +280,7 @@ def run_classifier(evaluation: eval_setup.Evaluation, encoder: eval_setup.Encode
   def scores(state, frozen, images):
     return logits_fn(state.params, state.batch_stats, frozen, images, train=False)[0]
 
-  return {**test_accuracies(evaluation, mesh, scores, state, frozen), 'num_epochs': cfg.num_epochs,
+  return {**accuracies(evaluation.task.test, mesh, evaluation.config.batch_size, scores, state,
+                      frozen),
+          'num_epochs': cfg.num_epochs,
           'train_steps': int(state.step), 'label_fraction': cfg.label_fraction}

@@ -35,3 +35,11 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
       batch_stats=variables.get('batch_stats', {}),
       opt_state=tx.init(params),
       rng=jax.random.key_data(state_rng))
+
+
+def apply_gradients(state: TrainState, grads, batch_stats, *, tx, schedule):
+  """The optimizer update of `state`; returns (new state, learning rate of this step)."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            batch_stats=batch_stats, opt_state=opt_state)
+  return new_state, schedule(state.step)

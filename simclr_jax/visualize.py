@@ -3,11 +3,12 @@ r"""Pictures of a run: training curves, or the augmented views the encoder is fe
     python -m simclr_jax.visualize --workdir=runs/fmnist_cpu --out=curves.png
     python -m simclr_jax.visualize --config=configs/default.py --out=views.png
 
---workdir plots loss, contrastive accuracy and online-probe accuracy from metrics.jsonl against
-epochs, with the top-1 of every evaluation in eval/results.jsonl (e.g. kNN of several checkpoints:
-`run_eval.py --workdir=RUN --config.protocol=knn --step=N`). --config writes a grid of rows
-original / view 1 / view 2, made by the pretraining pipeline's own preprocessing (epoch 0 seeds)
-of the first images of config.train_split: exactly what the encoder is fed.
+--workdir plots loss, contrastive accuracy, online-probe accuracy and the kNN monitor from
+metrics.jsonl against epochs, with the top-1 of every evaluation in eval/results.jsonl (e.g. kNN
+of several checkpoints: `run_eval.py --workdir=RUN --config.protocol=knn --step=N`). --config
+writes a grid of rows original / view 1 / view 2, made by the pretraining pipeline's own
+preprocessing (epoch 0 seeds) of the first images of config.data.train_split: exactly what the
+encoder is fed.
 """
 
 import json
@@ -72,12 +73,16 @@ def plot_curves(workdir: str, path: str) -> None:
   epochs_per_step = records[-1]['epoch'] / records[-1]['step']
   epochs = [r['epoch'] for r in records]
   fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
-  loss_ax.plot(epochs, [r['loss'] for r in records], label='NT-Xent loss')
-  loss_ax.plot(epochs, [r['chance_loss'] for r in records], '--', label='chance: log(2N-1)')
+  loss_ax.plot(epochs, [r['loss'] for r in records], label='loss (2 x NT-Xent)')
+  loss_ax.plot(epochs, [r['chance_loss'] for r in records], '--', label='chance: 2 log(2N-1)')
   loss_ax.set(xlabel='epoch', title='pretraining loss')
   for key, label in (('contrastive_acc', 'contrastive top-1'), ('probe_acc', 'online probe')):
     if key in records[0]:
       acc_ax.plot(epochs, [r[key] for r in records], label=f'{label} (train batches)')
+  monitored = [r for r in records if 'knn_top1' in r]
+  if monitored:
+    acc_ax.plot([r['epoch'] for r in monitored], [r['knn_top1'] for r in monitored], 's-',
+                label='kNN monitor top-1 (held out)')
   evals = {}
   for r in read_jsonl(os.path.join(workdir, 'eval', 'results.jsonl')):
     for key, value in r.items():

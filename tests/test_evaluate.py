@@ -330,8 +330,8 @@ def test_linear_protocol_learns_and_leaves_the_encoder_untouched(separable_data_
     encoder = eval_setup.load_encoder(evaluation, mesh)
     state, frozen, logits_fn = protocols.train_classifier(evaluation, encoder, mesh,
                                                           str(tmp_path / 'log'))
-    top1 = protocols.test_accuracies(
-        evaluation, mesh, lambda state, frozen, images: logits_fn(
+    top1 = protocols.accuracies(
+        evaluation.task.test, mesh, 16, lambda state, frozen, images: logits_fn(
             state.params, state.batch_stats, frozen, images, train=False)[0],
         state, frozen)['top1']
   assert top1 >= 0.9  # Chance: 0.25.

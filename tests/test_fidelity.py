@@ -12,15 +12,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from conftest import tiny_pretrain_config
+from simclr_jax import data
 from simclr_jax import mesh as mesh_lib
 from simclr_jax import models
-from simclr_jax import optim
 from simclr_jax import pretrain
-from simclr_jax import train_state as train_state_lib
 from test_losses import official_objective_and_metrics
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
@@ -34,13 +32,15 @@ LEARNING_RATE, WEIGHT_DECAY, ETA = 4.0, 0.1, 1e-3
 
 @pytest.fixture(scope='module')
 def setup():
-  config = tiny_pretrain_config(None, image_size=IMAGE_SIZE)
+  config = tiny_pretrain_config(None, **{'data.image_size': IMAGE_SIZE})
   config.model.zero_init_last_bn = False  # Else the residual branches get no gradient yet.
-  model = models.create_model(config.model, num_classes=NUM_CLASSES)
-  schedule = optax.constant_schedule(LEARNING_RATE)
-  tx = optim.lars(schedule, WEIGHT_DECAY, momentum=0.9, trust_coefficient=ETA)
-  state = jax.jit(functools.partial(train_state_lib.create_train_state, model, tx,
-                                    image_size=IMAGE_SIZE))(jax.random.key(0))
+  # No warmup: the first step runs at the peak rate, lr * B / 256 = LEARNING_RATE.
+  config.update(dict(batch_size=NUM_IMAGES, learning_rate=LEARNING_RATE * 256 / NUM_IMAGES,
+                     warmup_epochs=0, weight_decay=WEIGHT_DECAY, momentum=0.9,
+                     num_train_steps=10))
+  build = functools.partial(pretrain.build, config,
+                            data.stand_in_split(config.data, 100 * NUM_IMAGES, NUM_CLASSES))
+  state = build(mesh_lib.create_mesh(jax.devices()[:1])).create_state(jax.random.key(0))
   # A probe kernel of order 1 (not the 0.01 init), so that its L2 term shows in the update.
   probe = {**state.params['probe'],
            'kernel': jax.random.normal(jax.random.key(1), state.params['probe']['kernel'].shape)}
@@ -48,7 +48,7 @@ def setup():
   rng = np.random.default_rng(0)
   views = rng.uniform(size=(NUM_IMAGES, 2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
   batch = {'views': views, 'label': rng.integers(0, NUM_CLASSES, NUM_IMAGES).astype(np.int32)}
-  return config, model, tx, schedule, jax.device_get(state), batch
+  return config, build, jax.device_get(state), batch
 
 
 def official_training_loss(params, batch_stats, model, batch, temperature):
@@ -84,7 +84,8 @@ def official_lars_update(params, grads):
 
 @pytest.fixture(scope='module')
 def expected_update(setup):
-  config, model, _, _, state, batch = setup
+  config, _, state, batch = setup
+  model = models.create_model(config.model, num_classes=NUM_CLASSES)
   grads = jax.jit(jax.grad(official_training_loss), static_argnums=(2, 4))(
       state.params, state.batch_stats, model, batch, config.temperature)
   return official_lars_update(state.params, jax.device_get(grads))
@@ -92,11 +93,10 @@ def expected_update(setup):
 
 @pytest.mark.parametrize('num_devices', [1, 8])
 def test_train_step_applies_the_official_update(setup, expected_update, num_devices):
-  config, model, tx, schedule, state, batch = setup
+  _, build, state, batch = setup
   mesh = mesh_lib.create_mesh(jax.devices()[:num_devices])
   with jax.set_mesh(mesh):
-    step = pretrain.make_train_step(config, model, tx, schedule, mesh)
-    new_state, metrics = step(jax.device_put(state, mesh_lib.replicated(mesh)),
+    new_state, metrics = build(mesh).step_fn(jax.device_put(state, mesh_lib.replicated(mesh)),
                               jax.device_put(batch, mesh_lib.batch_sharded(mesh)))
   new_params = jax.device_get(new_state.params)
   actual_update = jax.tree.map(lambda new, old: np.float64(new) - old, new_params, state.params)

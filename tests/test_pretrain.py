@@ -10,8 +10,12 @@ import pytest
 
 from conftest import store_tiny_dataset, tiny_pretrain_config
 from simclr_jax import checkpointing
+from simclr_jax import data
+from simclr_jax import eval_setup
 from simclr_jax import mesh as mesh_lib
+from simclr_jax import models
 from simclr_jax import pretrain
+from simclr_jax import protocols
 
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
@@ -149,3 +153,37 @@ def test_memory_source_one_and_eight_devices_give_the_same_losses(memory_run, ti
   for key in ('loss', 'contrastive_acc', 'probe_loss'):
     np.testing.assert_allclose([r[key] for r in one], [r[key] for r in eight],
                                rtol=2e-5, atol=1e-6, err_msg=key)
+
+
+def test_knn_monitor_matches_numpy_and_leaves_training_unchanged(uninterrupted, tiny_data_dir,
+                                                                 tmp_path):
+  config = tiny_pretrain_config(tiny_data_dir, eval_every_steps=2,
+                                **{'monitor.bank_split': 'train[:75%]',
+                                   'monitor.query_split': 'train[75%:]', 'monitor.k': 5})
+  workdir = str(tmp_path / 'monitored')
+  pretrain.run(config, workdir)
+  records, reference = read_metrics(workdir), read_metrics(uninterrupted)
+  assert [r['step'] for r in records] == [1, 2, 3, 4]
+  assert [r['step'] for r in records if 'knn_top1' in r] == [2, 4]
+  np.testing.assert_array_equal([r['loss'] for r in records], [r['loss'] for r in reference])
+
+  # The monitor's value at step 4 against a NumPy kNN on the checkpoint's features.
+  mesh = mesh_lib.create_mesh()
+  model = models.create_model(config.model, num_classes=4)
+  variables = checkpointing.Checkpointer(workdir, create=False).restore_model(4, None)
+  encoder = eval_setup.Encoder(model, variables, 4)
+  splits = [data.open_split(config.data, s) for s in ('train[:75%]', 'train[75%:]')]
+  with jax.set_mesh(mesh):
+    bank, queries = (jax.device_get(protocols.extract_features(
+        encoder, data.eval_batches(split, mesh, batch_size=16), mesh)) for split in splits)
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  keys, key_labels = unit(bank['features'][bank['mask']]), bank['label'][bank['mask']]
+  correct = []
+  for feature, label in zip(unit(queries['features'][queries['mask']]),
+                            queries['label'][queries['mask']]):
+    similarity = keys @ feature
+    scores = np.zeros(4)
+    for j in np.argsort(-similarity)[:5]:
+      scores[key_labels[j]] += np.exp(similarity[j] / 0.1)
+    correct.append(np.argmax(scores) == label)
+  assert records[-1]['knn_top1'] == pytest.approx(np.mean(correct))
