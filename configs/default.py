@@ -25,6 +25,7 @@ def get_data_config():
   data.source = 'tfds'                 # 'tfds': tf.data on the host; 'memory': whole dataset on
                                        # device, every augmentation inside the train step.
   data.augment = ml_collections.ConfigDict()
+  data.augment.crop_min_area = 0.08    # Smallest random crop, as a fraction of the image.
   data.augment.color_strength = 0.5    # s in the paper: 1.0 ImageNet, 0.5 CIFAR.
   # 'multiplicative' (official code) or 'additive' (v1 paper's pseudo-code).
   data.augment.brightness = 'multiplicative'

@@ -22,15 +22,17 @@ from simclr_jax import augment_params
 
 
 def random_view(image, seed, *, height, width, color_strength=1.0, blur_probability=0.5,
-                brightness='multiplicative'):
+                brightness='multiplicative', crop_min_area=augment_params.CROP_AREA_RANGE[0]):
   """One SimCLR training view: crop, flip, colour distortion, blur; float32 [height, width, 3].
 
   `color_strength=0` turns colour distortion off entirely (jitter and grayscale) and
   `blur_probability=0` turns blur off: crop + flip only is the light view for linear evaluation
   and fine-tuning. The crop and the flip of a seed do not depend on the other settings.
+  `crop_min_area` is the smallest crop as a fraction of the image (0.08 officially).
   """
   crop_seed, flip_seed, color_seed, blur_seed = _split(seed, 4)
-  view = random_resized_crop(image, crop_seed, height=height, width=width)
+  view = random_resized_crop(image, crop_seed, height=height, width=width,
+                             min_area=crop_min_area)
   view = tf.image.stateless_random_flip_left_right(view, flip_seed)
   if color_strength:
     view = color_distortion(view, color_seed, strength=color_strength, brightness=brightness)
@@ -73,11 +75,13 @@ def decode_window(image, window=None):
   return tf.image.crop_to_bounding_box(image, y, x, h, w)
 
 
-def random_crop_window(shape, seed, *, aspect_ratio=1.0):
+def random_crop_window(shape, seed, *, aspect_ratio=1.0,
+                       min_area=augment_params.CROP_AREA_RANGE[0]):
   """Inception-crop window [y, x, h, w] of an image of `shape` [H, W, C], TF sampling semantics.
 
-  Area fraction in (0.08, 1), aspect ratio (3/4, 4/3) times the target's `aspect_ratio` (w / h),
-  at least 10% of the image covered, 100 attempts, the whole image as fallback.
+  Area fraction in (min_area, 1) (0.08 officially), aspect ratio (3/4, 4/3) times the target's
+  `aspect_ratio` (w / h), at least 10% of the image covered, 100 attempts, the whole image as
+  fallback.
   """
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       shape,
@@ -85,7 +89,7 @@ def random_crop_window(shape, seed, *, aspect_ratio=1.0):
       seed=seed,
       min_object_covered=augment_params.CROP_MIN_OBJECT_COVERED,
       aspect_ratio_range=[r * aspect_ratio for r in augment_params.CROP_ASPECT_RANGE],
-      area_range=augment_params.CROP_AREA_RANGE,
+      area_range=(min_area, augment_params.CROP_AREA_RANGE[1]),
       max_attempts=augment_params.CROP_MAX_ATTEMPTS,
       use_image_if_no_bounding_boxes=True)
   return tf.concat([begin[:2], size[:2]], axis=0)
@@ -105,9 +109,11 @@ def center_crop_window(shape, *, height, width, crop_fraction):
   return tf.stack([(shape[0] - crop_h + 1) // 2, (shape[1] - crop_w + 1) // 2, crop_h, crop_w])
 
 
-def random_resized_crop(image, seed, *, height, width):
+def random_resized_crop(image, seed, *, height, width,
+                        min_area=augment_params.CROP_AREA_RANGE[0]):
   """Random Inception crop resized (bicubic) to [height, width, 3]; float32, not clipped."""
-  window = random_crop_window(image_shape(image), seed, aspect_ratio=width / height)
+  window = random_crop_window(image_shape(image), seed, aspect_ratio=width / height,
+                              min_area=min_area)
   return _resize(decode_window(image, window), height, width)
 
 

@@ -33,14 +33,14 @@ _CUBIC_TABLE_SIZE = 1024  # TF reads the cubic weights from a table over [0, 1] 
 
 
 def random_views(images, keys, *, height, width, color_strength, blur_probability,
-                 brightness='multiplicative'):
+                 brightness='multiplicative', crop_min_area=augment_params.CROP_AREA_RANGE[0]):
   """`random_view` of each uint8 image [B, H, W, C] with each of its keys [B, V].
 
   Returns float32 views [B, V, height, width, 3].
   """
   view_fn = functools.partial(random_view, height=height, width=width,
                               color_strength=color_strength, blur_probability=blur_probability,
-                              brightness=brightness)
+                              brightness=brightness, crop_min_area=crop_min_area)
   return jax.vmap(jax.vmap(view_fn, (None, 0)))(images, keys)
 
 
@@ -68,7 +68,7 @@ def view_keys(key, example_ids, num_views):
 
 
 def random_view(image, key, *, height, width, color_strength=1.0, blur_probability=0.5,
-                brightness='multiplicative'):
+                brightness='multiplicative', crop_min_area=augment_params.CROP_AREA_RANGE[0]):
   """One training view of a uint8 image [H, W, 1 or 3]: float32 [height, width, 3] in [0, 1].
 
   As `augment.random_view`: random resized crop, flip, colour distortion, clip, blur.
@@ -76,7 +76,7 @@ def random_view(image, key, *, height, width, color_strength=1.0, blur_probabili
   view for classifiers. The crop and the flip of a key do not depend on the other settings.
   """
   crop_key, flip_key, color_blur_key = jax.random.split(key, 3)
-  view = random_resized_crop(image, crop_key, height=height, width=width)
+  view = random_resized_crop(image, crop_key, height=height, width=width, min_area=crop_min_area)
   view = random_flip(view, flip_key)
   return augment_view(view, color_blur_key, color_strength=color_strength,
                       blur_probability=blur_probability, brightness=brightness)
@@ -114,20 +114,22 @@ def center_crop_window(shape, *, height, width, crop_fraction):
   return (image_h - crop_h + 1) // 2, (image_w - crop_w + 1) // 2, crop_h, crop_w
 
 
-def random_resized_crop(image, key, *, height, width):
+def random_resized_crop(image, key, *, height, width, min_area=augment_params.CROP_AREA_RANGE[0]):
   """Random Inception crop of a uint8 image, resized to float32 [height, width, 3]; not clipped."""
-  window = random_crop_window(image.shape, key, aspect_ratio=width / height)
+  window = random_crop_window(image.shape, key, aspect_ratio=width / height, min_area=min_area)
   return resize_window(image, window, height=height, width=width)
 
 
-def random_crop_window(shape, key, *, aspect_ratio=1.0):
+def random_crop_window(shape, key, *, aspect_ratio=1.0,
+                       min_area=augment_params.CROP_AREA_RANGE[0]):
   """Inception-crop window [y, x, h, w] (int32) of an image of static `shape` [H, W, C].
 
   The sampling of TF's `sample_distorted_bounding_box` as `augment.random_crop_window` calls it:
   per attempt an aspect ratio uniform in (3/4, 4/3) x `aspect_ratio` (w / h), an integer height
-  uniform between the rounded heights of area fractions 0.08 and 1 (capped so the rounded width
-  fits), width round(h * ratio), one height nudge when rounding leaves the area range, at least
-  10% of the image covered, offsets uniform with an exclusive upper bound. The 100 attempts are
+  uniform between the rounded heights of area fractions `min_area` (0.08 officially) and 1
+  (capped so the rounded width fits), width round(h * ratio), one height nudge when rounding
+  leaves the area range, at least 10% of the image covered, offsets uniform with an exclusive
+  upper bound. The 100 attempts are
   drawn at once and the first valid one wins; the whole image if none is.
   """
   image_h, image_w = shape[:2]
@@ -135,28 +137,29 @@ def random_crop_window(shape, key, *, aspect_ratio=1.0):
   ratio_u, height_u, y_u, x_u = jax.random.uniform(key, (4, augment_params.CROP_MAX_ATTEMPTS))
   low, high = (r * aspect_ratio for r in augment_params.CROP_ASPECT_RANGE)
   ratio = low + ratio_u * (high - low)
-  min_area, max_area = (np.float32(a) * image_w * image_h for a in augment_params.CROP_AREA_RANGE)
+  min_pixels, max_pixels = (np.float32(a) * image_w * image_h
+                            for a in (min_area, augment_params.CROP_AREA_RANGE[1]))
 
   def rounded(x):  # C's lrintf: to nearest, ties to even.
     return jnp.round(x).astype(jnp.int32)
 
-  min_h = rounded(jnp.sqrt(min_area / ratio))
-  max_h = rounded(jnp.sqrt(max_area / ratio))
+  min_h = rounded(jnp.sqrt(min_pixels / ratio))
+  max_h = rounded(jnp.sqrt(max_pixels / ratio))
   widest_h = jnp.floor((image_w + 0.5) / ratio).astype(jnp.int32)
   widest_h = jnp.where(rounded(widest_h * ratio) > image_w, widest_h - 1, widest_h)
   max_h = jnp.minimum(jnp.where(rounded(max_h * ratio) > image_w, widest_h, max_h), image_h)
   min_h = jnp.minimum(min_h, max_h)
   h = min_h + _uniform_int(height_u, max_h - min_h + 1)
   w = rounded(h * ratio)
-  grow = w * h < min_area
+  grow = w * h < min_pixels
   h = jnp.where(grow, h + 1, h)
   w = jnp.where(grow, rounded(h * ratio), w)
-  shrink = w * h > max_area
+  shrink = w * h > max_pixels
   h = jnp.where(shrink, h - 1, h)
   w = jnp.where(shrink, rounded(h * ratio), w)
   area = (w * h).astype(jnp.float32)
   covered = area / (image_h * image_w) >= augment_params.CROP_MIN_OBJECT_COVERED
-  valid = ((area >= min_area) & (area <= max_area) & (h > 0) & (h <= image_h) & (w > 0)
+  valid = ((area >= min_pixels) & (area <= max_pixels) & (h > 0) & (h <= image_h) & (w > 0)
            & (w <= image_w) & covered)
   y = _uniform_int(y_u, image_h - h)
   x = _uniform_int(x_u, image_w - w)

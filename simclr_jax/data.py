@@ -173,7 +173,8 @@ def make_views(split: Split, *, seed: int,
           arrays['images'], arrays['labels'], step, seed=seed, batch_size=batch_size,
           steps_per_epoch=steps_per_epoch(split.num_examples, batch_size), height=size,
           width=size, color_strength=augment.color_strength,
-          blur_probability=augment.blur_probability, brightness=augment.brightness)
+          blur_probability=augment.blur_probability, brightness=augment.brightness,
+          crop_min_area=augment.crop_min_area)
       return batch['views'], batch['label']
     return memory_views
   if host_color_augmentation(split.config):

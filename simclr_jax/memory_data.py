@@ -29,6 +29,7 @@ from jax import lax
 import numpy as np
 
 from simclr_jax import augment_device
+from simclr_jax import augment_params
 from simclr_jax import errors
 from simclr_jax import mesh as mesh_lib
 
@@ -156,7 +157,8 @@ def batch_indices(seed, step, *, batch_size, steps_per_epoch, num_examples):
 
 
 def pretrain_batch(images, labels, step, *, seed, batch_size, steps_per_epoch, height, width,
-                   color_strength, blur_probability, brightness='multiplicative'):
+                   color_strength, blur_probability, brightness='multiplicative',
+                   crop_min_area=augment_params.CROP_AREA_RANGE[0]):
   """The two SimCLR views of each example of `step`, with its label.
 
   Returns {'views': float32 [B, 2, height, width, 3] in [0, 1], 'label': int32 [B] (-1 without
@@ -167,7 +169,8 @@ def pretrain_batch(images, labels, step, *, seed, batch_size, steps_per_epoch, h
   views, label = _batch_views(images, labels, step, seed=seed, batch_size=batch_size,
                               steps_per_epoch=steps_per_epoch, num_views=2, height=height,
                               width=width, color_strength=color_strength,
-                              blur_probability=blur_probability, brightness=brightness)
+                              blur_probability=blur_probability, brightness=brightness,
+                              crop_min_area=crop_min_area)
   return {'views': views, 'label': label}
 
 

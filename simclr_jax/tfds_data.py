@@ -187,7 +187,7 @@ def pretrain_preprocess_fn(config, features, *, seed, epoch):
       height=config.image_size, width=config.image_size,
       color_strength=config.augment.color_strength if host_color else 0,
       blur_probability=config.augment.blur_probability if host_color else 0,
-      brightness=config.augment.brightness)
+      brightness=config.augment.brightness, crop_min_area=config.augment.crop_min_area)
 
   def preprocess(example):
     image = decode(example['image'])

@@ -210,15 +210,16 @@ def _two_sample_z(a, b):
   return (counts_a / len(a) - counts_b / len(b)) / sigma
 
 
-@pytest.mark.parametrize('shape,aspect_ratio', [((28, 28, 1), 1.0), ((5, 7, 3), 1.0),
-                                                ((24, 40, 3), 1.5)])
-def test_crop_windows_follow_tf_sample_distorted_bounding_box(shape, aspect_ratio):
+@pytest.mark.parametrize('shape,aspect_ratio,min_area', [
+    ((28, 28, 1), 1.0, 0.08), ((5, 7, 3), 1.0, 0.08), ((24, 40, 3), 1.5, 0.08),
+    ((28, 28, 1), 1.0, 0.3)])
+def test_crop_windows_follow_tf_sample_distorted_bounding_box(shape, aspect_ratio, min_area):
   sample = jax.jit(jax.vmap(lambda key: augment_device.random_crop_window(
-      shape, key, aspect_ratio=aspect_ratio)))
+      shape, key, aspect_ratio=aspect_ratio, min_area=min_area)))
   ours = np.asarray(sample(_keys(NUM_CROPS)))
   tf_seeds = tf.random.experimental.stateless_split([7, 11], NUM_CROPS)
   tf_sample = tf.function(lambda seeds: tf.map_fn(lambda seed: augment.random_crop_window(
-      tf.constant(shape), seed, aspect_ratio=aspect_ratio), seeds))
+      tf.constant(shape), seed, aspect_ratio=aspect_ratio, min_area=min_area), seeds))
   theirs = np.asarray(tf_sample(tf_seeds))
 
   def statistics(windows):
@@ -232,6 +233,9 @@ def test_crop_windows_follow_tf_sample_distorted_bounding_box(shape, aspect_rati
   for name, ours_stat in statistics(ours).items():
     z = _two_sample_z(ours_stat, statistics(theirs)[name])
     assert np.abs(z).max() < 4, (name, z)
+  # Every crop covers at least min_area and min_object_covered (0.1) of the image.
+  fractions = ours[:, 2] * ours[:, 3] / (shape[0] * shape[1])
+  assert fractions.min() >= max(min_area, 0.1) - 1e-6
   if shape[0] * shape[1] < 50:  # Few distinct sizes: compare them one by one.
     sizes = lambda windows: windows[:, 2] * 100 + windows[:, 3]
     assert np.abs(_two_sample_z(sizes(ours), sizes(theirs))).max() < 4

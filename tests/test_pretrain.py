@@ -8,9 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import store_tiny_dataset, tiny_pretrain_config
+from conftest import count_compilations, store_tiny_dataset, tiny_pretrain_config
 from simclr_jax import checkpointing
 from simclr_jax import data
+from simclr_jax import errors
 from simclr_jax import eval_setup
 from simclr_jax import mesh as mesh_lib
 from simclr_jax import models
@@ -92,10 +93,17 @@ def test_unlabelled_dataset_trains_without_the_probe(tmp_path):
   assert np.isfinite(record['loss']) and 'probe_acc' not in record
 
 
-def test_batch_not_divisible_by_devices_fails_before_compiling(tiny_data_dir, tmp_path):
-  with pytest.raises(ValueError, match='not divisible by the 8 devices'):
-    pretrain.run(tiny_pretrain_config(tiny_data_dir, batch_size=12),
-                                str(tmp_path))
+@pytest.mark.parametrize('overrides, match', [
+    ({'batch_size': 12}, 'not divisible by the 8 devices'),
+    ({'batch_size': 0}, 'batch_size must be positive'),
+    ({'data.image_size': 32}, 'image_size=32 exceeds the 16x16 images'),
+    ({'data.train_split': 'validation'}, 'no split'),
+    ({'data.dataset': 'no_such_dataset'}, "Unknown dataset 'no_such_dataset'"),
+])
+def test_bad_input_fails_before_compiling(tiny_data_dir, tmp_path, overrides, match):
+  with count_compilations() as compilations, pytest.raises(errors.UserError, match=match):
+    pretrain.run(tiny_pretrain_config(tiny_data_dir, **overrides), str(tmp_path))
+  assert compilations == []
 
 
 def test_checkpoint_of_another_model_is_refused(uninterrupted, tiny_data_dir, tmp_path):
