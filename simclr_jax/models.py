@@ -2,7 +2,9 @@
 
 The ResNet follows the official SimCLR code: post-activation v1 blocks with the stride on the 3x3
 conv ("v1.5"), PyTorch-style explicit padding for strided convs, truncated-normal fan-in conv init,
-BatchNorm momentum 0.9 / epsilon 1e-5 and a zero-initialised last BatchNorm scale in every block.
+BatchNorm momentum 0.9 / epsilon 1e-5, a zero-initialised last BatchNorm scale in every block and
+(layout 'simclr') a projection shortcut in the first block of every stage; layout 'torchvision'
+keeps the identity where the shape does not change (only ResNet-18/34 differ).
 BatchNorm has no `axis_name`: under `jax.jit` on a batch-sharded input its statistics are already
 global (see docs/design.md).
 """
@@ -14,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from simclr_jax.errors import UserError
+
 _STAGE_SIZES = {
     18: (2, 2, 2, 2),
     34: (3, 4, 6, 3),
@@ -24,6 +28,7 @@ _STAGE_SIZES = {
 }
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _PROJ_MODES = ('nonlinear', 'linear')
+LAYOUTS = ('simclr', 'torchvision')
 
 conv_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
 dense_init = nn.initializers.normal(0.01)
@@ -31,7 +36,7 @@ dense_init = nn.initializers.normal(0.01)
 
 def _check_depth(depth: int) -> None:
   if depth not in _STAGE_SIZES:
-    raise ValueError(f'Unsupported ResNet depth {depth}; supported: {sorted(_STAGE_SIZES)}.')
+    raise UserError(f'Unsupported ResNet depth {depth}; supported: {sorted(_STAGE_SIZES)}.')
 
 
 def _uses_bottleneck(depth: int) -> bool:
@@ -70,18 +75,22 @@ def _norm(train, *, dtype, name, zero_scale=False, use_bias=True):
                       dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def _shortcut(x, features, stride, train, dtype):
-  """Identity, or a strided 1x1 conv + BatchNorm where the shape changes."""
-  if stride == 1 and x.shape[-1] == features:
+def _shortcut(x, features, stride, train, project, dtype):
+  """Identity, or a projection: strided 1x1 conv + BatchNorm."""
+  if not project:
     return x
   x = _conv(features, 1, stride, dtype=dtype, name='proj_conv')(x)
   return _norm(train, dtype=dtype, name='proj_bn')(x)
 
 
+# Blocks compute their shortcut first: their layers are created in the official code's order,
+# which convert_checkpoint relies on.
+
 class BasicBlock(nn.Module):
   """Two 3x3 convs (ResNet-18/34)."""
   features: int
   stride: int
+  project: bool
   zero_init_last_bn: bool
   dtype: Any
 
@@ -89,17 +98,19 @@ class BasicBlock(nn.Module):
   def __call__(self, x, train):
     conv = functools.partial(_conv, dtype=self.dtype)
     norm = functools.partial(_norm, train, dtype=self.dtype)
+    shortcut = _shortcut(x, self.features, self.stride, train, self.project, self.dtype)
     y = conv(self.features, 3, self.stride, name='conv1')(x)
     y = nn.relu(norm(name='bn1')(y))
     y = conv(self.features, 3, name='conv2')(y)
     y = norm(name='bn2', zero_scale=self.zero_init_last_bn)(y)
-    return nn.relu(y + _shortcut(x, self.features, self.stride, train, self.dtype))
+    return nn.relu(y + shortcut)
 
 
 class BottleneckBlock(nn.Module):
   """1x1 -> 3x3 (strided) -> 1x1 with 4x expansion (ResNet-50 and deeper)."""
   features: int
   stride: int
+  project: bool
   zero_init_last_bn: bool
   dtype: Any
 
@@ -107,13 +118,14 @@ class BottleneckBlock(nn.Module):
   def __call__(self, x, train):
     conv = functools.partial(_conv, dtype=self.dtype)
     norm = functools.partial(_norm, train, dtype=self.dtype)
+    shortcut = _shortcut(x, 4 * self.features, self.stride, train, self.project, self.dtype)
     y = conv(self.features, 1, name='conv1')(x)
     y = nn.relu(norm(name='bn1')(y))
     y = conv(self.features, 3, self.stride, name='conv2')(y)
     y = nn.relu(norm(name='bn2')(y))
     y = conv(4 * self.features, 1, name='conv3')(y)
     y = norm(name='bn3', zero_scale=self.zero_init_last_bn)(y)
-    return nn.relu(y + _shortcut(x, 4 * self.features, self.stride, train, self.dtype))
+    return nn.relu(y + shortcut)
 
 
 class ResNet(nn.Module):
@@ -122,10 +134,13 @@ class ResNet(nn.Module):
   width_multiplier: float = 1
   cifar_stem: bool = False
   zero_init_last_bn: bool = True
+  layout: str = 'simclr'
   dtype: Any = jnp.float32
 
   def __post_init__(self):
     _check_depth(self.depth)
+    if self.layout not in LAYOUTS:
+      raise UserError(f'Unknown ResNet layout {self.layout!r}; expected one of {LAYOUTS}.')
     super().__post_init__()
 
   @nn.compact
@@ -139,11 +154,13 @@ class ResNet(nn.Module):
     if not self.cifar_stem:
       x = nn.max_pool(x, (3, 3), (2, 2), padding='SAME')
 
-    block = BottleneckBlock if _uses_bottleneck(self.depth) else BasicBlock
+    block, expansion = (BottleneckBlock, 4) if _uses_bottleneck(self.depth) else (BasicBlock, 1)
     for i, (num_blocks, features) in enumerate(zip(_STAGE_SIZES[self.depth], channels)):
       for j in range(num_blocks):
         stride = 2 if i > 0 and j == 0 else 1
-        x = block(features, stride, self.zero_init_last_bn, self.dtype,
+        reshapes = stride != 1 or x.shape[-1] != expansion * features
+        project = reshapes or (j == 0 and self.layout == 'simclr')
+        x = block(features, stride, project, self.zero_init_last_bn, self.dtype,
                   name=f'stage{i + 1}_block{j + 1}')(x, train)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
@@ -163,10 +180,10 @@ class ProjectionHead(nn.Module):
 
   def __post_init__(self):
     if self.mode not in _PROJ_MODES:
-      raise ValueError(f'Unknown projection head mode {self.mode!r}; expected one of '
+      raise UserError(f'Unknown projection head mode {self.mode!r}; expected one of '
                        f'{_PROJ_MODES}.')
     if self.num_layers < 1:
-      raise ValueError(f'num_layers must be >= 1, got {self.num_layers}.')
+      raise UserError(f'num_layers must be >= 1, got {self.num_layers}.')
     super().__post_init__()
 
   @nn.compact
@@ -178,7 +195,7 @@ class ProjectionHead(nn.Module):
     norm = functools.partial(_norm, train, dtype=self.dtype)
     num_hidden = self.num_layers - 1 if self.mode == 'nonlinear' else 0
     if hidden_layers is not None and not 0 <= hidden_layers <= num_hidden:
-      raise ValueError(f'This projection head has {num_hidden} hidden layers, not '
+      raise UserError(f'This projection head has {num_hidden} hidden layers, not '
                        f'{hidden_layers}.')
     hidden_dim = self.hidden_dim or x.shape[-1]
     for i in range(num_hidden if hidden_layers is None else hidden_layers):
@@ -216,12 +233,13 @@ class SimCLRModel(nn.Module):
 def create_model(model_config, num_classes: int = 0) -> SimCLRModel:
   """Builds the SimCLRModel described by `config.model` (see configs/default.py)."""
   if model_config.dtype not in _DTYPES:
-    raise ValueError(f'Unknown model dtype {model_config.dtype!r}; expected one of '
+    raise UserError(f'Unknown model dtype {model_config.dtype!r}; expected one of '
                      f'{list(_DTYPES)}.')
   dtype = _DTYPES[model_config.dtype]
   encoder = ResNet(depth=model_config.depth, width_multiplier=model_config.width_multiplier,
                    cifar_stem=model_config.cifar_stem,
-                   zero_init_last_bn=model_config.zero_init_last_bn, dtype=dtype)
+                   zero_init_last_bn=model_config.zero_init_last_bn,
+                   layout=model_config.get('layout', 'simclr'), dtype=dtype)
   head = ProjectionHead(num_layers=model_config.proj_num_layers, proj_dim=model_config.proj_dim,
                         mode=model_config.proj_mode, dtype=dtype)
   return SimCLRModel(encoder=encoder, head=head, num_classes=num_classes)

@@ -8,6 +8,7 @@ import pytest
 
 from configs import default
 from simclr_jax import models
+from simclr_jax.errors import UserError
 
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
@@ -35,12 +36,42 @@ def _tiny_resnet(**kwargs):
     (18, 11_176_512),  # torchvision resnet18 (11,689,512) without its fc layer (512*1000 + 1000).
 ])
 def test_parameter_counts(depth, expected):
-  params = _abstract_variables(models.ResNet(depth))['params']
+  params = _abstract_variables(models.ResNet(depth, layout='torchvision'))['params']
   assert _count(params) == expected
-  cifar_params = _abstract_variables(models.ResNet(depth, cifar_stem=True))['params']
+  cifar_params = _abstract_variables(
+      models.ResNet(depth, cifar_stem=True, layout='torchvision'))['params']
   # Only the stem conv changes: 7x7x3x64 -> 3x3x3x64 weights.
   assert _count(params) - _count(cifar_params) == 7 * 7 * 3 * 64 - 3 * 3 * 3 * 64
   assert cifar_params['conv_init']['kernel'].shape == (3, 3, 3, 64)
+
+
+def _basic_block_parameters(c_in, c, project):
+  """3x3 conv c_in->c, BN, 3x3 conv c->c, BN (scale + bias), and a 1x1 conv + BN shortcut."""
+  convs = 9 * c_in * c + 9 * c * c + (c_in * c if project else 0)
+  return convs + 2 * c * (3 if project else 2)
+
+
+@pytest.mark.parametrize('layout, expected', [('simclr', 11_173_056), ('torchvision', 11_168_832)])
+def test_resnet18_layouts(layout, expected):
+  # CIFAR stem: 3x3x3x64 conv and BN; the official layout projects in the first block of every
+  # stage, torchvision only where the shape changes (not in stage 1).
+  count = 3 * 3 * 3 * 64 + 2 * 64
+  c_in = 64
+  for stage, c in enumerate((64, 128, 256, 512)):
+    count += _basic_block_parameters(c_in, c, project=stage > 0 or layout == 'simclr')
+    count += _basic_block_parameters(c, c, project=False)
+    c_in = c
+  assert count == expected
+  params = _abstract_variables(models.ResNet(18, cifar_stem=True, layout=layout))['params']
+  assert _count(params) == expected
+  assert ('proj_conv' in params['stage1_block1']) == (layout == 'simclr')
+  assert all('proj_conv' not in params[f'stage{i}_block2'] for i in range(1, 5))
+
+
+def test_layout_does_not_change_bottleneck_resnets():
+  count = {layout: _count(_abstract_variables(models.ResNet(50, layout=layout))['params'])
+           for layout in models.LAYOUTS}
+  assert count['simclr'] == count['torchvision'] == 23_508_032
 
 
 @pytest.mark.parametrize('depth, width, dim', [
@@ -102,12 +133,12 @@ def test_conv_init_is_truncated_lecun_normal():
   assert np.abs(kernel).max() > 1.9 * std / 0.87962566
 
 
-@pytest.mark.parametrize('depth, last_bn, zero_init', [
-    (18, 'bn2', True), (18, 'bn2', False), (50, 'bn3', True),
+@pytest.mark.parametrize('depth, last_bn, zero_init, layout', [
+    (18, 'bn2', True, 'torchvision'), (18, 'bn2', False, 'simclr'), (50, 'bn3', True, 'simclr'),
 ])
-def test_zero_init_last_bn(depth, last_bn, zero_init):
+def test_zero_init_last_bn(depth, last_bn, zero_init, layout):
   module = models.ResNet(depth, width_multiplier=0.125, cifar_stem=True,
-                         zero_init_last_bn=zero_init)
+                         zero_init_last_bn=zero_init, layout=layout)
   params = _init(module, jnp.zeros((1, 8, 8, 3)), train=False)['params']
   blocks = {name: p for name, p in params.items() if name.startswith('stage')}
   assert len(blocks) == (8 if depth == 18 else 16)
@@ -116,10 +147,12 @@ def test_zero_init_last_bn(depth, last_bn, zero_init):
     np.testing.assert_array_equal(block['bn1']['scale'], 1.0)
     if 'proj_bn' in block:
       np.testing.assert_array_equal(block['proj_bn']['scale'], 1.0)
-  # Projection shortcuts only where the shape changes.
+  # Projection shortcuts in the first block of every stage, except where torchvision keeps the
+  # identity (the shape does not change in stage 1 of ResNet-18/34).
   with_projection = sorted(name for name, block in blocks.items() if 'proj_conv' in block)
   expected = ['stage2_block1', 'stage3_block1', 'stage4_block1']
-  assert with_projection == (expected if depth == 18 else ['stage1_block1'] + expected)
+  torchvision_basic = depth == 18 and layout == 'torchvision'
+  assert with_projection == (expected if torchvision_basic else ['stage1_block1'] + expected)
 
 
 def test_bfloat16_computes_in_bfloat16_with_float32_params_and_output():
@@ -143,9 +176,9 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params_and_output():
 
 
 def test_bad_depth():
-  with pytest.raises(ValueError, match=r'\[18, 34, 50, 101, 152, 200\]'):
+  with pytest.raises(UserError, match=r'\[18, 34, 50, 101, 152, 200\]'):
     models.ResNet(42)
-  with pytest.raises(ValueError, match='depth'):
+  with pytest.raises(UserError, match='depth'):
     models.feature_dim(26)
 
 
@@ -230,9 +263,10 @@ def test_probe_sees_stop_gradient_features():
     (dict(dtype='float16'), 'dtype'),
     (dict(proj_mode='none'), 'mode'),
     (dict(depth=20), 'depth'),
+    (dict(layout='resnet'), 'layout'),
 ])
 def test_create_model_bad_config(overrides, message):
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(UserError, match=message):
     models.create_model(_model_config(**overrides))
 
 
