@@ -170,13 +170,13 @@ class ProjectionHead(nn.Module):
 
   'nonlinear': (num_layers - 1) x [Dense(hidden_dim) -> BN -> ReLU], then Dense(proj_dim) -> BN
   without bias. 'linear': Dense(proj_dim) -> BN without bias. Dense layers have no bias; hidden_dim
-  defaults to the input feature size. Returns float32.
+  defaults to the input feature size. Computes in float32 whatever the encoder's dtype (it is
+  cheap, and the official objective is computed in float32).
   """
   num_layers: int = 2
   proj_dim: int = 128
   hidden_dim: int | None = None
   mode: str = 'nonlinear'
-  dtype: Any = jnp.float32
 
   def __post_init__(self):
     if self.mode not in _PROJ_MODES:
@@ -190,9 +190,10 @@ class ProjectionHead(nn.Module):
   def __call__(self, x, train: bool, hidden_layers: int | None = None):
     """z = g(x); or, with `hidden_layers` = k, the activation after the first k hidden layers
     (SimCLR v2 fine-tunes from k = 1)."""
-    dense = functools.partial(nn.Dense, use_bias=False, kernel_init=dense_init, dtype=self.dtype,
-                              param_dtype=jnp.float32)
-    norm = functools.partial(_norm, train, dtype=self.dtype)
+    dense = functools.partial(nn.Dense, use_bias=False, kernel_init=dense_init,
+                              dtype=jnp.float32, param_dtype=jnp.float32)
+    norm = functools.partial(_norm, train, dtype=jnp.float32)
+    x = jnp.asarray(x, jnp.float32)
     num_hidden = self.num_layers - 1 if self.mode == 'nonlinear' else 0
     if hidden_layers is not None and not 0 <= hidden_layers <= num_hidden:
       raise UserError(f'This projection head has {num_hidden} hidden layers, not '
@@ -202,10 +203,9 @@ class ProjectionHead(nn.Module):
       x = dense(hidden_dim, name=f'dense{i + 1}')(x)
       x = nn.relu(norm(name=f'bn{i + 1}')(x))
     if hidden_layers is not None:
-      return x.astype(jnp.float32)
+      return x
     x = dense(self.proj_dim, name='dense_out')(x)
-    x = norm(name='bn_out', use_bias=False)(x)
-    return x.astype(jnp.float32)
+    return norm(name='bn_out', use_bias=False)(x)
 
 
 class SimCLRModel(nn.Module):
@@ -241,5 +241,5 @@ def create_model(model_config, num_classes: int = 0) -> SimCLRModel:
                    zero_init_last_bn=model_config.zero_init_last_bn,
                    layout=model_config.get('layout', 'simclr'), dtype=dtype)
   head = ProjectionHead(num_layers=model_config.proj_num_layers, proj_dim=model_config.proj_dim,
-                        mode=model_config.proj_mode, dtype=dtype)
+                        mode=model_config.proj_mode)
   return SimCLRModel(encoder=encoder, head=head, num_classes=num_classes)

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from configs import default
-from simclr_jax import models
+from simclr_jax import losses, models
 from simclr_jax.errors import UserError
 
 
@@ -270,6 +270,28 @@ def test_create_model_bad_config(overrides, message):
     models.create_model(_model_config(**overrides))
 
 
-def test_create_model_bfloat16():
+def test_bfloat16_model_has_float32_head_and_loss():
   model = models.create_model(_model_config(dtype='bfloat16'))
-  assert model.encoder.dtype == jnp.bfloat16 and model.head.dtype == jnp.bfloat16
+  assert model.encoder.dtype == jnp.bfloat16
+  x = jax.random.uniform(jax.random.key(1), (4, 8, 8, 3))
+  variables = _init(model, x, train=False)
+  head = models.ProjectionHead()
+
+  @jax.jit
+  def forward(variables, x):
+    outputs, state = model.apply(variables, x, train=True, mutable=['batch_stats', 'intermediates'],
+                                 capture_intermediates=True)
+    z_a, z_b = outputs['z'].reshape(2, 2, -1).transpose(1, 0, 2)
+    loss, _ = losses.contrastive_loss_and_metrics(z_a, z_b, temperature=0.1)
+    # The same head on the same h, built on its own in float32.
+    z32, _ = head.apply({'params': variables['params']['head'],
+                         'batch_stats': variables['batch_stats']['head']},
+                        outputs['h'], train=True, mutable=['batch_stats'])
+    return outputs, state['intermediates'], loss, z32
+
+  outputs, intermediates, loss, z32 = forward(variables, x)
+  assert intermediates['encoder']['stage4_block2']['__call__'][0].dtype == jnp.bfloat16
+  head_outputs = jax.tree.leaves(intermediates['head'])
+  assert head_outputs and all(y.dtype == jnp.float32 for y in head_outputs)
+  assert outputs['z'].dtype == jnp.float32 and loss.dtype == jnp.float32
+  np.testing.assert_allclose(outputs['z'], z32, rtol=1e-5, atol=1e-5)
