@@ -5,6 +5,8 @@ conv ("v1.5"), PyTorch-style explicit padding for strided convs, truncated-norma
 BatchNorm momentum 0.9 / epsilon 1e-5, a zero-initialised last BatchNorm scale in every block and
 (layout 'simclr') a projection shortcut in the first block of every stage; layout 'torchvision'
 keeps the identity where the shape does not change (only ResNet-18/34 differ).
+With `sk_ratio` > 0 it is SimCLR v2's selective-kernel ResNet: SK convs in the bottlenecks and the
+ResNet-D deep stem and average-pooling projection shortcuts.
 BatchNorm has no `axis_name`: under `jax.jit` on a batch-sharded input its statistics are already
 global (see docs/design.md).
 """
@@ -75,16 +77,56 @@ def _norm(train, *, dtype, name, zero_scale=False, use_bias=True):
                       dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def _shortcut(x, features, stride, train, project, dtype):
-  """Identity, or a projection: strided 1x1 conv + BatchNorm."""
+def _avg_pool_2x2(x, stride):
+  """ResNet-D downsampling before a projection: 2x2 average pooling. Stride 2 pads one zero row
+  and column after (counted, as in the official code's fixed padding); stride 1 is TF 'SAME',
+  which leaves the padding out of the count."""
+  if stride == 1:
+    return nn.avg_pool(x, (2, 2), (1, 1), padding='SAME', count_include_pad=False)
+  x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+  return nn.avg_pool(x, (2, 2), (stride, stride), padding='VALID')
+
+
+def _shortcut(x, features, stride, train, *, project, avg_down, dtype):
+  """Identity, or a projection: strided 1x1 conv + BatchNorm, or with `avg_down` (ResNet-D)
+  2x2 average pooling with the stride, then a 1x1 conv + BatchNorm."""
   if not project:
     return x
+  if avg_down:
+    x, stride = _avg_pool_2x2(x, stride), 1
   x = _conv(features, 1, stride, dtype=dtype, name='proj_conv')(x)
   return _norm(train, dtype=dtype, name='proj_bn')(x)
 
 
+class SelectiveKernelConv(nn.Module):
+  """SK conv (SimCLR v2): replaces a bottleneck's 3x3 conv + BN-ReLU.
+
+  One 3x3 conv (with the stride) to two `features`-channel streams -> BN-ReLU; the global mean of
+  their sum -> 1x1 conv to max(int(features * sk_ratio), 32) -> BN-ReLU -> 1x1 conv to two
+  logits per channel; the output is the softmax-weighted sum of the streams.
+  """
+  features: int
+  stride: int
+  sk_ratio: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, train):
+    conv = functools.partial(_conv, dtype=self.dtype)
+    norm = functools.partial(_norm, train, dtype=self.dtype)
+    x = conv(2 * self.features, 3, self.stride, name='conv')(x)
+    streams = jnp.stack(jnp.split(nn.relu(norm(name='bn')(x)), 2, axis=-1))
+    summary = jnp.mean(streams.sum(axis=0), axis=(1, 2), keepdims=True)
+    summary = conv(max(int(self.features * self.sk_ratio), 32), 1, name='reduce_conv')(summary)
+    summary = nn.relu(norm(name='reduce_bn')(summary))
+    logits = conv(2 * self.features, 1, name='mix_conv')(summary)
+    weights = jax.nn.softmax(jnp.stack(jnp.split(logits, 2, axis=-1)), axis=0)
+    return jnp.sum(streams * weights, axis=0)
+
+
 # Blocks compute their shortcut first: their layers are created in the official code's order,
-# which convert_checkpoint relies on.
+# which convert_checkpoint relies on. sk_ratio > 0 selects the ResNet-D shortcut in both block
+# kinds (as the official TF2 code) and the SK conv in bottlenecks.
 
 class BasicBlock(nn.Module):
   """Two 3x3 convs (ResNet-18/34)."""
@@ -92,13 +134,15 @@ class BasicBlock(nn.Module):
   stride: int
   project: bool
   zero_init_last_bn: bool
+  sk_ratio: float
   dtype: Any
 
   @nn.compact
   def __call__(self, x, train):
     conv = functools.partial(_conv, dtype=self.dtype)
     norm = functools.partial(_norm, train, dtype=self.dtype)
-    shortcut = _shortcut(x, self.features, self.stride, train, self.project, self.dtype)
+    shortcut = _shortcut(x, self.features, self.stride, train, project=self.project,
+                         avg_down=self.sk_ratio > 0, dtype=self.dtype)
     y = conv(self.features, 3, self.stride, name='conv1')(x)
     y = nn.relu(norm(name='bn1')(y))
     y = conv(self.features, 3, name='conv2')(y)
@@ -107,49 +151,73 @@ class BasicBlock(nn.Module):
 
 
 class BottleneckBlock(nn.Module):
-  """1x1 -> 3x3 (strided) -> 1x1 with 4x expansion (ResNet-50 and deeper)."""
+  """1x1 -> 3x3 (strided; SK conv when sk_ratio > 0) -> 1x1 with 4x expansion (ResNet-50+)."""
   features: int
   stride: int
   project: bool
   zero_init_last_bn: bool
+  sk_ratio: float
   dtype: Any
 
   @nn.compact
   def __call__(self, x, train):
     conv = functools.partial(_conv, dtype=self.dtype)
     norm = functools.partial(_norm, train, dtype=self.dtype)
-    shortcut = _shortcut(x, 4 * self.features, self.stride, train, self.project, self.dtype)
+    shortcut = _shortcut(x, 4 * self.features, self.stride, train, project=self.project,
+                         avg_down=self.sk_ratio > 0, dtype=self.dtype)
     y = conv(self.features, 1, name='conv1')(x)
     y = nn.relu(norm(name='bn1')(y))
-    y = conv(self.features, 3, self.stride, name='conv2')(y)
-    y = nn.relu(norm(name='bn2')(y))
+    if self.sk_ratio > 0:
+      y = SelectiveKernelConv(self.features, self.stride, self.sk_ratio, self.dtype,
+                              name='sk_conv')(y, train)
+    else:
+      y = conv(self.features, 3, self.stride, name='conv2')(y)
+      y = nn.relu(norm(name='bn2')(y))
     y = conv(4 * self.features, 1, name='conv3')(y)
     y = norm(name='bn3', zero_scale=self.zero_init_last_bn)(y)
     return nn.relu(y + shortcut)
 
 
 class ResNet(nn.Module):
-  """ResNet v1 encoder: images [B, H, W, 3] in [0, 1] -> pooled representation h [B, F], float32."""
+  """ResNet v1 encoder: images [B, H, W, 3] in [0, 1] -> pooled representation h [B, F], float32.
+
+  Stems: 7x7/2 conv -> BN-ReLU -> 3x3/2 max-pool; with sk_ratio > 0 the ResNet-D deep stem
+  (3x3/2 conv to half the stem width, 3x3 conv, 3x3 conv, each -> BN-ReLU, then the max-pool);
+  `cifar_stem` (3x3/1 conv -> BN-ReLU, no pooling) takes precedence over both.
+  """
   depth: int
   width_multiplier: float = 1
   cifar_stem: bool = False
   zero_init_last_bn: bool = True
   layout: str = 'simclr'
+  sk_ratio: float = 0.0
   dtype: Any = jnp.float32
 
   def __post_init__(self):
     _check_depth(self.depth)
     if self.layout not in LAYOUTS:
       raise UserError(f'Unknown ResNet layout {self.layout!r}; expected one of {LAYOUTS}.')
+    if not 0 <= self.sk_ratio < 1:
+      raise UserError(f'sk_ratio must be in [0, 1) (0 = no selective kernels; SimCLR v2 used '
+                      f'0.0625), got {self.sk_ratio}.')
     super().__post_init__()
 
   @nn.compact
   def __call__(self, x, train: bool):
     channels = _stage_channels(self.width_multiplier)
+    conv = functools.partial(_conv, dtype=self.dtype)
     norm = functools.partial(_norm, train, dtype=self.dtype)
     x = jnp.asarray(x, self.dtype)
-    kernel_size, stride = (3, 1) if self.cifar_stem else (7, 2)
-    x = _conv(channels[0], kernel_size, stride, dtype=self.dtype, name='conv_init')(x)
+    if self.cifar_stem:
+      x = conv(channels[0], 3, name='conv_init')(x)
+    elif self.sk_ratio > 0:
+      x = conv(channels[0] // 2, 3, 2, name='conv_init_a')(x)
+      x = nn.relu(norm(name='bn_init_a')(x))
+      x = conv(channels[0] // 2, 3, name='conv_init_b')(x)
+      x = nn.relu(norm(name='bn_init_b')(x))
+      x = conv(channels[0], 3, name='conv_init')(x)
+    else:
+      x = conv(channels[0], 7, 2, name='conv_init')(x)
     x = nn.relu(norm(name='bn_init')(x))
     if not self.cifar_stem:
       x = nn.max_pool(x, (3, 3), (2, 2), padding='SAME')
@@ -160,7 +228,7 @@ class ResNet(nn.Module):
         stride = 2 if i > 0 and j == 0 else 1
         reshapes = stride != 1 or x.shape[-1] != expansion * features
         project = reshapes or (j == 0 and self.layout == 'simclr')
-        x = block(features, stride, project, self.zero_init_last_bn, self.dtype,
+        x = block(features, stride, project, self.zero_init_last_bn, self.sk_ratio, self.dtype,
                   name=f'stage{i + 1}_block{j + 1}')(x, train)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
@@ -239,7 +307,8 @@ def create_model(model_config, num_classes: int = 0) -> SimCLRModel:
   encoder = ResNet(depth=model_config.depth, width_multiplier=model_config.width_multiplier,
                    cifar_stem=model_config.cifar_stem,
                    zero_init_last_bn=model_config.zero_init_last_bn,
-                   layout=model_config.get('layout', 'simclr'), dtype=dtype)
+                   layout=model_config.get('layout', 'simclr'),
+                   sk_ratio=model_config.get('sk_ratio', 0.0), dtype=dtype)
   head = ProjectionHead(num_layers=model_config.proj_num_layers, proj_dim=model_config.proj_dim,
                         mode=model_config.proj_mode)
   return SimCLRModel(encoder=encoder, head=head, num_classes=num_classes)

@@ -175,6 +175,111 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params_and_output():
   np.testing.assert_allclose(h, h32, rtol=0.1, atol=0.1)
 
 
+def _numpy_conv(x, kernel, stride, padding):
+  """Cross-correlation NHWC x HWIO with explicit ((top, bottom), (left, right)) zero padding."""
+  x = np.pad(x, ((0, 0), *padding, (0, 0)))
+  kh, kw = kernel.shape[:2]
+  out_h, out_w = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
+  out = np.zeros((x.shape[0], out_h, out_w, kernel.shape[-1]))
+  for i in range(kh):
+    for j in range(kw):
+      patch = x[:, i:i + stride * out_h:stride, j:j + stride * out_w:stride]
+      out += patch @ kernel[i, j]
+  return out
+
+
+def _numpy_batch_norm(x, params, stats, eps=1e-5):
+  return (x - stats['mean']) / np.sqrt(stats['var'] + eps) * params['scale'] + params['bias']
+
+
+def _random_like(tree, seed, low=-1.0, high=1.0):
+  leaves, treedef = jax.tree.flatten(tree)
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(treedef, [rng.uniform(low, high, x.shape).astype(np.float32)
+                                      for x in leaves])
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_selective_kernel_conv_matches_reference(stride):
+  features, sk_ratio = 4, 0.0625
+  module = models.SelectiveKernelConv(features, stride, sk_ratio, jnp.float32)
+  x = np.random.default_rng(0).uniform(0, 1, (2, 6, 6, 3)).astype(np.float32)
+  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), x, train=False))
+  params = _random_like(abstract['params'], 1)
+  stats = {'bn': _random_like(abstract['batch_stats']['bn'], 2, 0.5, 2.0),
+           'reduce_bn': _random_like(abstract['batch_stats']['reduce_bn'], 3, 0.5, 2.0)}
+  y = jax.jit(module.apply, static_argnames='train')(
+      {'params': params, 'batch_stats': stats}, x, train=False)
+
+  assert params['reduce_conv']['kernel'].shape == (1, 1, features, 32)  # max(4 // 16, 32)
+  # A 3x3 conv pads (1, 1): 'SAME' at stride 1, the official fixed padding at stride 2.
+  both = _numpy_conv(x, params['conv']['kernel'], stride, ((1, 1), (1, 1)))
+  both = np.maximum(_numpy_batch_norm(both, params['bn'], stats['bn']), 0)
+  a, b = both[..., :features], both[..., features:]
+  pooled = (a + b).mean(axis=(1, 2))
+  reduced = pooled @ params['reduce_conv']['kernel'][0, 0]
+  reduced = np.maximum(_numpy_batch_norm(reduced, params['reduce_bn'], stats['reduce_bn']), 0)
+  logits = reduced @ params['mix_conv']['kernel'][0, 0]
+  weight_a = 1 / (1 + np.exp(logits[:, features:] - logits[:, :features]))  # 2-way softmax.
+  expected = a * weight_a[:, None, None] + b * (1 - weight_a[:, None, None])
+  assert y.shape == (2, 6 // stride, 6 // stride, features)
+  np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_resnet_d_average_pooling(stride):
+  x = np.random.default_rng(0).uniform(0, 1, (1, 4, 4, 2)).astype(np.float32)
+  y = np.asarray(models._avg_pool_2x2(jnp.asarray(x), stride))
+  if stride == 1:  # TF 'SAME': one cell of padding after, left out of the mean.
+    padded = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)), constant_values=np.nan)
+    expected = np.stack([[np.nanmean(padded[0, i:i + 2, j:j + 2], axis=(0, 1))
+                          for j in range(4)] for i in range(4)])[None]
+  else:  # Fixed padding of one zero row/column after, counted in the mean; VALID pooling.
+    expected = x.reshape(1, 2, 2, 2, 2, 2).mean(axis=(2, 4))
+  np.testing.assert_allclose(y, expected, rtol=1e-6)
+
+
+def test_sk_resnet_structure_shapes_and_dtypes():
+  module = models.ResNet(50, width_multiplier=2, sk_ratio=0.0625)
+  params = _abstract_variables(module, image_size=64)['params']
+  # Deep stem: 3x3/2 to 32w, 3x3 to 32w, 3x3 to 64w.
+  assert [params[n]['kernel'].shape for n in ('conv_init_a', 'conv_init_b', 'conv_init')] == [
+      (3, 3, 3, 64), (3, 3, 64, 64), (3, 3, 64, 128)]
+  block = params['stage4_block2']
+  assert set(block) == {'conv1', 'bn1', 'sk_conv', 'conv3', 'bn3'}
+  f = 1024  # 512 * w filters in stage 4.
+  assert block['sk_conv']['conv']['kernel'].shape == (3, 3, f, 2 * f)
+  assert block['sk_conv']['reduce_conv']['kernel'].shape == (1, 1, f, 64)  # f * 0.0625
+  assert block['sk_conv']['mix_conv']['kernel'].shape == (1, 1, 64, 2 * f)
+  assert params['stage1_block1']['proj_conv']['kernel'].shape == (1, 1, 128, 512)
+  assert params['stage2_block1']['proj_conv']['kernel'].shape == (1, 1, 512, 1024)
+
+  tiny = models.ResNet(50, width_multiplier=0.0625, sk_ratio=0.0625, dtype=jnp.bfloat16)
+  x = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3))
+  variables = _init(tiny, x, train=False)
+
+  @jax.jit
+  def forward(variables, x):
+    return tiny.apply(variables, x, train=True, mutable=['batch_stats', 'intermediates'],
+                      capture_intermediates=True)
+
+  h, state = forward(variables, x)
+  assert h.shape == (2, 128) and h.dtype == jnp.float32 and np.isfinite(h).all()
+  outputs = state['intermediates']
+  for name, size in zip(['stage1_block3', 'stage2_block4', 'stage3_block6', 'stage4_block3'],
+                        (16, 8, 4, 2)):
+    y = outputs[name]['__call__'][0]
+    assert y.shape[1:3] == (size, size) and y.dtype == jnp.bfloat16, name
+  assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(state['batch_stats']))
+
+
+def test_cifar_stem_takes_precedence_over_the_deep_stem():
+  params = _abstract_variables(
+      models.ResNet(50, width_multiplier=0.125, cifar_stem=True, sk_ratio=0.0625))['params']
+  assert 'conv_init_a' not in params and params['conv_init']['kernel'].shape == (3, 3, 3, 8)
+  assert 'sk_conv' in params['stage1_block1']
+
+
 def test_bad_depth():
   with pytest.raises(UserError, match=r'\[18, 34, 50, 101, 152, 200\]'):
     models.ResNet(42)
@@ -264,6 +369,7 @@ def test_probe_sees_stop_gradient_features():
     (dict(proj_mode='none'), 'mode'),
     (dict(depth=20), 'depth'),
     (dict(layout='resnet'), 'layout'),
+    (dict(sk_ratio=-0.1), 'sk_ratio'),
 ])
 def test_create_model_bad_config(overrides, message):
   with pytest.raises(UserError, match=message):
