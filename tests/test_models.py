@@ -9,6 +9,7 @@ import pytest
 from configs import default
 from simclr_jax import losses, models
 from simclr_jax.errors import UserError
+from tests.fixtures import official_tf1
 
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
@@ -72,6 +73,23 @@ def test_layout_does_not_change_bottleneck_resnets():
   count = {layout: _count(_abstract_variables(models.ResNet(50, layout=layout))['params'])
            for layout in models.LAYOUTS}
   assert count['simclr'] == count['torchvision'] == 23_508_032
+
+
+@pytest.mark.parametrize('name', sorted(official_tf1.architectures()))
+def test_parameter_counts_match_the_official_code(name):
+  """Trainable parameters of base_model/ and head_contrastive/ in the official TF1 graphs of the
+  released architectures (and of small ones), recorded in tests/fixtures."""
+  facts = official_tf1.architectures()[name]
+  encoder = models.ResNet(facts['depth'], facts['width_multiplier'],
+                          cifar_stem=facts['cifar_stem'], sk_ratio=facts['sk_ratio'])
+  assert _count(_abstract_variables(encoder)['params']) == facts['encoder_trainable_parameters']
+  head_count = 0
+  if facts['proj_num_layers']:
+    head = models.ProjectionHead(num_layers=facts['proj_num_layers'], proj_dim=facts['proj_dim'])
+    h = jnp.zeros((2, models.feature_dim(facts['depth'], facts['width_multiplier'])))
+    variables = jax.eval_shape(lambda: head.init(jax.random.key(0), h, train=False))
+    head_count = _count(variables['params'])
+  assert head_count == facts['head_contrastive_trainable_parameters']
 
 
 @pytest.mark.parametrize('depth, width, dim', [
