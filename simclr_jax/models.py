@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from simclr_jax.errors import UserError
 
-_STAGE_SIZES = {
+STAGE_SIZES = {
     18: (2, 2, 2, 2),
     34: (3, 4, 6, 3),
     50: (3, 4, 6, 3),
@@ -29,7 +29,7 @@ _STAGE_SIZES = {
     200: (3, 24, 36, 3),
 }
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-_PROJ_MODES = ('nonlinear', 'linear')
+_PROJ_MODES = ('nonlinear', 'linear', 'none')
 LAYOUTS = ('simclr', 'torchvision')
 
 conv_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
@@ -37,8 +37,8 @@ dense_init = nn.initializers.normal(0.01)
 
 
 def _check_depth(depth: int) -> None:
-  if depth not in _STAGE_SIZES:
-    raise UserError(f'Unsupported ResNet depth {depth}; supported: {sorted(_STAGE_SIZES)}.')
+  if depth not in STAGE_SIZES:
+    raise UserError(f'Unsupported ResNet depth {depth}; supported: {sorted(STAGE_SIZES)}.')
 
 
 def _uses_bottleneck(depth: int) -> bool:
@@ -223,7 +223,7 @@ class ResNet(nn.Module):
       x = nn.max_pool(x, (3, 3), (2, 2), padding='SAME')
 
     block, expansion = (BottleneckBlock, 4) if _uses_bottleneck(self.depth) else (BasicBlock, 1)
-    for i, (num_blocks, features) in enumerate(zip(_STAGE_SIZES[self.depth], channels)):
+    for i, (num_blocks, features) in enumerate(zip(STAGE_SIZES[self.depth], channels)):
       for j in range(num_blocks):
         stride = 2 if i > 0 and j == 0 else 1
         reshapes = stride != 1 or x.shape[-1] != expansion * features
@@ -237,9 +237,9 @@ class ProjectionHead(nn.Module):
   """SimCLR projection g(h) -> z, with BatchNorm on every layer as in the official code.
 
   'nonlinear': (num_layers - 1) x [Dense(hidden_dim) -> BN -> ReLU], then Dense(proj_dim) -> BN
-  without bias. 'linear': Dense(proj_dim) -> BN without bias. Dense layers have no bias; hidden_dim
-  defaults to the input feature size. Computes in float32 whatever the encoder's dtype (it is
-  cheap, and the official objective is computed in float32).
+  without bias. 'linear': Dense(proj_dim) -> BN without bias. 'none': z = h. Dense layers have no
+  bias; hidden_dim defaults to the input feature size. Computes in float32 whatever the encoder's
+  dtype (it is cheap, and the official objective is computed in float32).
   """
   num_layers: int = 2
   proj_dim: int = 128
@@ -249,53 +249,70 @@ class ProjectionHead(nn.Module):
   def __post_init__(self):
     if self.mode not in _PROJ_MODES:
       raise UserError(f'Unknown projection head mode {self.mode!r}; expected one of '
-                       f'{_PROJ_MODES}.')
-    if self.num_layers < 1:
-      raise UserError(f'num_layers must be >= 1, got {self.num_layers}.')
+                      f'{_PROJ_MODES}.')
+    if self.mode == 'nonlinear' and self.num_layers < 1:
+      raise UserError(f'A nonlinear projection head needs proj_num_layers >= 1, got '
+                      f'{self.num_layers}.')
     super().__post_init__()
 
+  @property
+  def num_hidden_layers(self) -> int:
+    return self.num_layers - 1 if self.mode == 'nonlinear' else 0
+
   @nn.compact
-  def __call__(self, x, train: bool, hidden_layers: int | None = None):
-    """z = g(x); or, with `hidden_layers` = k, the activation after the first k hidden layers
+  def __call__(self, x, train: bool, hidden_layers: int | None = None) -> list[jax.Array]:
+    """The official `hiddens_list` [x, a_1, ..., a_n, z]: the input, the activation after each
+    hidden layer and z (just [x] for 'none'); with `hidden_layers` = k only [x, a_1, ..., a_k]
     (SimCLR v2 fine-tunes from k = 1)."""
+    if hidden_layers is not None and not 0 <= hidden_layers <= self.num_hidden_layers:
+      raise UserError(f'This projection head has {self.num_hidden_layers} hidden layers, not '
+                      f'{hidden_layers}.')
     dense = functools.partial(nn.Dense, use_bias=False, kernel_init=dense_init,
                               dtype=jnp.float32, param_dtype=jnp.float32)
     norm = functools.partial(_norm, train, dtype=jnp.float32)
-    x = jnp.asarray(x, jnp.float32)
-    num_hidden = self.num_layers - 1 if self.mode == 'nonlinear' else 0
-    if hidden_layers is not None and not 0 <= hidden_layers <= num_hidden:
-      raise UserError(f'This projection head has {num_hidden} hidden layers, not '
-                       f'{hidden_layers}.')
+    hiddens = [jnp.asarray(x, jnp.float32)]
     hidden_dim = self.hidden_dim or x.shape[-1]
-    for i in range(num_hidden if hidden_layers is None else hidden_layers):
-      x = dense(hidden_dim, name=f'dense{i + 1}')(x)
-      x = nn.relu(norm(name=f'bn{i + 1}')(x))
-    if hidden_layers is not None:
-      return x
-    x = dense(self.proj_dim, name='dense_out')(x)
-    return norm(name='bn_out', use_bias=False)(x)
+    for i in range(self.num_hidden_layers if hidden_layers is None else hidden_layers):
+      y = dense(hidden_dim, name=f'dense{i + 1}')(hiddens[-1])
+      hiddens.append(nn.relu(norm(name=f'bn{i + 1}')(y)))
+    if hidden_layers is None and self.mode != 'none':
+      z = dense(self.proj_dim, name='dense_out')(hiddens[-1])
+      hiddens.append(norm(name='bn_out', use_bias=False)(z))
+    return hiddens
 
 
 class SimCLRModel(nn.Module):
-  """Encoder and projection head, plus a linear probe on stop_gradient(h) when num_classes > 0."""
+  """Encoder and projection head, plus a linear probe when num_classes > 0.
+
+  The probe reads stop_gradient(h), or with `probe_proj_layers` = k the activation after the
+  head's first k hidden layers (the official ft_proj_selector; SimCLR v2's 1%/10% fine-tuned
+  classifiers read k = 1).
+  """
   encoder: nn.Module
-  head: nn.Module
+  head: ProjectionHead
   num_classes: int = 0
+  probe_proj_layers: int = 0
+
+  def __post_init__(self):
+    if not 0 <= self.probe_proj_layers <= self.head.num_hidden_layers:
+      raise UserError(f'probe_proj_layers={self.probe_proj_layers}, but the projection head has '
+                      f'{self.head.num_hidden_layers} hidden layers.')
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x, train: bool):
-    h = self.encoder(x, train=train)
-    outputs = {'h': h, 'z': self.head(h, train=train)}
+    hiddens = self.head(self.encoder(x, train=train), train=train)
+    outputs = {'h': hiddens[0], 'z': hiddens[-1]}
     if self.num_classes > 0:
       probe = nn.Dense(self.num_classes, kernel_init=dense_init, name='probe')
-      outputs['probe_logits'] = probe(jax.lax.stop_gradient(h))
+      outputs['probe_logits'] = probe(jax.lax.stop_gradient(hiddens[self.probe_proj_layers]))
     return outputs
 
   def encode(self, x, train: bool = False, proj_layers: int = 0):
     """The representation h (for evaluation: `apply(..., method=SimCLRModel.encode)`), or with
     `proj_layers` = k > 0 the output of the projection head's first k hidden layers."""
     h = self.encoder(x, train=train)
-    return self.head(h, train=train, hidden_layers=proj_layers) if proj_layers else h
+    return self.head(h, train=train, hidden_layers=proj_layers)[-1]
 
 
 def create_model(model_config, num_classes: int = 0) -> SimCLRModel:
@@ -311,4 +328,5 @@ def create_model(model_config, num_classes: int = 0) -> SimCLRModel:
                    sk_ratio=model_config.get('sk_ratio', 0.0), dtype=dtype)
   head = ProjectionHead(num_layers=model_config.proj_num_layers, proj_dim=model_config.proj_dim,
                         mode=model_config.proj_mode)
-  return SimCLRModel(encoder=encoder, head=head, num_classes=num_classes)
+  return SimCLRModel(encoder=encoder, head=head, num_classes=num_classes,
+                     probe_proj_layers=model_config.get('probe_proj_layers', 0))

@@ -1,5 +1,7 @@
 """ResNet, projection head and SimCLRModel: sizes, shapes, initialisation, dtypes."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -316,13 +318,27 @@ def test_projection_head_parameters(mode, num_layers, expected):
   variables = jax.eval_shape(lambda: head.init(jax.random.key(0), jnp.zeros((2, 512)), train=True))
   assert _count(variables['params']) == expected
   assert set(variables['params']['bn_out']) == {'scale'}
-  z = jax.eval_shape(lambda v: head.apply(v, jnp.zeros((2, 512)), train=False), variables)
-  assert z.shape == (2, 128) and z.dtype == jnp.float32
+  hiddens = jax.eval_shape(lambda v: head.apply(v, jnp.zeros((2, 512)), train=False), variables)
+  # The official hiddens_list: h, the activation after each hidden layer, z.
+  assert len(hiddens) == head.num_hidden_layers + 2
+  assert [x.shape for x in hiddens[:-1]] == [(2, 512)] * (head.num_hidden_layers + 1)
+  assert hiddens[-1].shape == (2, 128) and all(x.dtype == jnp.float32 for x in hiddens)
+
+
+def test_projection_head_none_is_the_identity():
+  head = models.ProjectionHead(mode='none', num_layers=0)
+  h = jax.random.normal(jax.random.key(0), (2, 16))
+  variables = head.init(jax.random.key(0), h, train=True)
+  assert not variables
+  [z] = head.apply(variables, h, train=True)
+  np.testing.assert_array_equal(z, h)
 
 
 def test_projection_head_bad_mode():
-  with pytest.raises(ValueError, match='mode'):
+  with pytest.raises(UserError, match='mode'):
     models.ProjectionHead(mode='mlp')
+  with pytest.raises(UserError, match='proj_num_layers'):
+    models.ProjectionHead(num_layers=0)
 
 
 def _model_config(**overrides):
@@ -382,9 +398,42 @@ def test_probe_sees_stop_gradient_features():
   np.testing.assert_array_equal(without_probe['probe']['kernel'], 0.0)
 
 
+def test_probe_can_read_the_first_projection_layer():
+  # SimCLR v2's 1%/10% fine-tuned classifiers read the first hidden layer of the head
+  # (ft_proj_selector=1); the features of fine-tuning with proj_layers=1 are the same activation.
+  model = models.create_model(_model_config(proj_num_layers=3, probe_proj_layers=1),
+                              num_classes=5)
+  x = jax.random.uniform(jax.random.key(1), (4, 8, 8, 3))
+  variables = _init(model, x, train=False)
+
+  @jax.jit
+  def forward(variables, x):
+    outputs = model.apply(variables, x, train=False)
+    features = model.apply(variables, x, train=False, proj_layers=1,
+                           method=models.SimCLRModel.encode)
+    return outputs, features
+
+  outputs, features = forward(variables, x)
+  assert features.shape == (4, 64) and (features >= 0).all()  # After a ReLU.
+  probe = variables['params']['probe']
+  np.testing.assert_allclose(outputs['probe_logits'], features @ probe['kernel'] + probe['bias'],
+                             rtol=1e-5, atol=1e-6)
+  assert outputs['z'].shape == (4, 128)
+
+
+def test_simclr_model_without_projection_head():
+  model = models.create_model(_model_config(proj_mode='none'), num_classes=3)
+  x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3))
+  variables = _init(model, x, train=False)
+  assert set(variables['params']) == {'encoder', 'probe'}
+  outputs = jax.jit(functools.partial(model.apply, train=False))(variables, x)
+  np.testing.assert_array_equal(outputs['z'], outputs['h'])
+
+
 @pytest.mark.parametrize('overrides, message', [
     (dict(dtype='float16'), 'dtype'),
-    (dict(proj_mode='none'), 'mode'),
+    (dict(proj_mode='mlp'), 'mode'),
+    (dict(probe_proj_layers=2), 'probe_proj_layers'),
     (dict(depth=20), 'depth'),
     (dict(layout='resnet'), 'layout'),
     (dict(sk_ratio=-0.1), 'sk_ratio'),
@@ -408,9 +457,10 @@ def test_bfloat16_model_has_float32_head_and_loss():
     z_a, z_b = outputs['z'].reshape(2, 2, -1).transpose(1, 0, 2)
     loss, _ = losses.contrastive_loss_and_metrics(z_a, z_b, temperature=0.1)
     # The same head on the same h, built on its own in float32.
-    z32, _ = head.apply({'params': variables['params']['head'],
-                         'batch_stats': variables['batch_stats']['head']},
-                        outputs['h'], train=True, mutable=['batch_stats'])
+    hiddens, _ = head.apply({'params': variables['params']['head'],
+                             'batch_stats': variables['batch_stats']['head']},
+                            outputs['h'], train=True, mutable=['batch_stats'])
+    z32 = hiddens[-1]
     return outputs, state['intermediates'], loss, z32
 
   outputs, intermediates, loss, z32 = forward(variables, x)
