@@ -319,7 +319,7 @@ def create_model(model_config, num_classes: int = 0) -> SimCLRModel:
   """Builds the SimCLRModel described by `config.model` (see configs/default.py)."""
   if model_config.dtype not in _DTYPES:
     raise UserError(f'Unknown model dtype {model_config.dtype!r}; expected one of '
-                     f'{list(_DTYPES)}.')
+                    f'{list(_DTYPES)}.')
   dtype = _DTYPES[model_config.dtype]
   encoder = ResNet(depth=model_config.depth, width_multiplier=model_config.width_multiplier,
                    cifar_stem=model_config.cifar_stem,
