@@ -23,11 +23,20 @@ import os
 import re
 import sys
 
+from absl import app, flags, logging
 from flax import traverse_util
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tensorflow as tf
 
+from configs import default
+from simclr_jax import checkpointing
 from simclr_jax import models
+from simclr_jax import pretrain
+from simclr_jax import train_state
 from simclr_jax.errors import UserError
 
 # TF1 variable scopes and the SimCLRModel parts they become.
@@ -89,9 +98,6 @@ def _tf_layers(names, scope: str) -> tuple[list[str], list[str]]:
 def _flax_layers(model: models.SimCLRModel, image_size: int):
   """Abstract variables of `model` and the paths of its Conv/Dense and BatchNorm layers, each in
   the order the forward pass calls them."""
-  import flax.linen as nn
-  import jax
-  import jax.numpy as jnp
   kernels, norms = [], []
 
   def record(next_fun, args, kwargs, context):
@@ -276,7 +282,6 @@ def convert(checkpoint_path: str, *, ema: bool = False,
             ft_proj_selector: int | None = None) -> Converted:
   """Reads a TF1 SimCLR checkpoint (`.../model.ckpt-N`) into this project's model (see module
   docstring); `ema` converts the EMA weights of SimCLR v2 pretrained checkpoints instead."""
-  import tensorflow as tf
   try:
     reader = tf.train.load_checkpoint(checkpoint_path)
   except (ValueError, tf.errors.OpError) as e:
@@ -297,9 +302,6 @@ def convert(checkpoint_path: str, *, ema: bool = False,
 def write_workdir(converted: Converted, workdir: str) -> None:
   """Writes `workdir` as a pretraining run would (config.json and an Orbax checkpoint at the
   checkpoint's step) so that run_eval.py evaluates the converted model."""
-  import jax
-  from configs import default
-  from simclr_jax import checkpointing, pretrain, train_state
   checkpointer = checkpointing.Checkpointer(workdir, max_to_keep=1)
   if checkpointer.latest_step() is not None:
     raise UserError(f'{workdir} already holds checkpoints; convert into an empty workdir.')
@@ -321,30 +323,30 @@ def write_workdir(converted: Converted, workdir: str) -> None:
 
 
 def main(argv):
-  from absl import flags, logging
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax's INFO lines would bury the report.
-  FLAGS = flags.FLAGS
+  workdir = _WORKDIR.value
   try:
-    converted = convert(FLAGS.checkpoint, ema=FLAGS.ema, ft_proj_selector=FLAGS.ft_proj_selector)
-    write_workdir(converted, FLAGS.workdir)
+    converted = convert(_CHECKPOINT.value, ema=_EMA_FLAG.value,
+                        ft_proj_selector=_FT_PROJ_SELECTOR.value)
+    write_workdir(converted, workdir)
   except UserError as e:
     print(f'convert_checkpoint: error: {e}', file=sys.stderr)
     sys.exit(2)
-  with open(os.path.join(FLAGS.workdir, 'conversion_report.txt'), 'w') as f:
+  with open(os.path.join(workdir, 'conversion_report.txt'), 'w') as f:
     f.write(converted.report + '\n')
   print(converted.report)
-  print(f'Wrote {FLAGS.workdir}: evaluate with python run_eval.py --workdir={FLAGS.workdir}')
+  print(f'Wrote {workdir}: evaluate it with python run_eval.py --workdir={workdir}')
 
 
 if __name__ == '__main__':
-  from absl import app, flags
-  flags.DEFINE_string('checkpoint', None, 'TF1 checkpoint prefix, e.g. .../model.ckpt-250228.',
-                      required=True)
-  flags.DEFINE_string('workdir', None, 'Empty directory to write the converted run to.',
-                      required=True)
-  flags.DEFINE_boolean('ema', False, 'Convert the EMA weights (ema_model/) of SimCLR v2 '
-                       'pretrained checkpoints instead of the trained ones.')
-  flags.DEFINE_integer('ft_proj_selector', None, 'What head_supervised reads: 0 = h, k = the '
-                       'k-th projection layer. Default: known for the SimCLR v2 release folders.')
+  _CHECKPOINT = flags.DEFINE_string(
+      'checkpoint', None, 'TF1 checkpoint prefix, e.g. .../model.ckpt-250228.', required=True)
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Empty directory to write the converted run to.',
+                                 required=True)
+  _EMA_FLAG = flags.DEFINE_boolean('ema', False, 'Convert the EMA weights (ema_model/) of SimCLR '
+                                   'v2 pretrained checkpoints instead of the trained ones.')
+  _FT_PROJ_SELECTOR = flags.DEFINE_integer(
+      'ft_proj_selector', None, 'What head_supervised reads: 0 = h, k = the k-th projection '
+      'layer. Default: known for the SimCLR v2 release folders (docs/converting.md).')
   app.run(main)
