@@ -41,9 +41,14 @@ def get_model_config():
   model.width_multiplier = 0.25
   model.cifar_stem = True
   model.zero_init_last_bn = True
-  model.proj_mode = 'nonlinear'        # 'nonlinear' or 'linear'.
+  # 'simclr': the official shortcuts (a projection in the first block of every stage);
+  # 'torchvision': an identity wherever the shape allows (for torchvision-layout weights).
+  model.layout = 'simclr'
+  model.sk_ratio = 0.0                 # Selective kernels (SimCLR v2 releases: 0.0625); 0: off.
+  model.proj_mode = 'nonlinear'        # 'nonlinear', 'linear' or 'none' (z = h).
   model.proj_num_layers = 2            # 2: SimCLR v1 paper, 3: official code and SimCLR v2.
   model.proj_dim = 128
+  model.probe_proj_layers = 0          # The probe reads h (0) or the head's k-th hidden layer.
   model.dtype = 'float32'              # Compute dtype ('bfloat16' on TPU/GPU); params stay f32.
   return model
 

@@ -4,8 +4,9 @@ r"""The paper's ImageNet setting: ResNet-50 (1x), batch 4096, 100 epochs.
         --config.data.data_dir=gs://BUCKET/tensorflow_datasets --multihost
 
 tau 0.1, LARS lr 0.075 x sqrt(B) (= 4.8), weight decay 1e-4, 10 warmup epochs, colour strength
-1.0, blur on, bf16 compute, 3-layer head (the official default). 31,279 steps. The official README reports about 6 hours
-on 32 TPU v3 cores and about 64.5% linear evaluation top-1 for this setting.
+1.0, blur on, bf16 compute, 3-layer head (the official default). 31,279 steps. The official
+README reports about 6 hours on 32 TPU v3 cores and about 64.5% linear evaluation top-1 for this
+setting.
 Run it on every host of a TPU pod slice (see README "Running on a TPU pod").
 """
 

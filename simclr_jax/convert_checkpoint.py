@@ -35,7 +35,6 @@ import tensorflow as tf
 from configs import default
 from simclr_jax import checkpointing
 from simclr_jax import models
-from simclr_jax import pretrain
 from simclr_jax import train_state
 from simclr_jax.errors import UserError
 
@@ -308,8 +307,9 @@ def write_workdir(converted: Converted, workdir: str) -> None:
   config = default.get_config()
   config.model = ml_collections.ConfigDict(converted.model_config)
   imagenet = converted.image_size == 224
-  config.update(dataset='imagenet2012' if imagenet else 'cifar10', image_size=converted.image_size,
-                train_split='train', eval_split='validation' if imagenet else 'test')
+  config.data.update(dataset='imagenet2012' if imagenet else 'cifar10',
+                     image_size=converted.image_size, train_split='train',
+                     eval_split='validation' if imagenet else 'test')
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -317,7 +317,7 @@ def write_workdir(converted: Converted, workdir: str) -> None:
       step=np.int32(converted.step), params=converted.variables['params'],
       batch_stats=converted.variables['batch_stats'], opt_state={},
       rng=jax.random.key_data(jax.random.key(0)))
-  checkpointer.save(state, pretrain.run_metadata(config, converted.num_classes))
+  checkpointer.save(state, checkpointing.run_metadata(config, converted.num_classes))
   checkpointer.wait_until_finished()
   checkpointer.close()
 

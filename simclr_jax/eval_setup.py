@@ -197,7 +197,7 @@ def _check_proj_layers(config: ml_collections.ConfigDict,
                        model_config: ml_collections.ConfigDict) -> None:
   if config.protocol != 'finetune':
     return
-  hidden = model_config.proj_num_layers - 1 if model_config.proj_mode == 'nonlinear' else 0
+  hidden = models.create_model(model_config).head.num_hidden_layers
   if not 0 <= config.finetune.proj_layers <= hidden:
     raise errors.UserError(f'finetune.proj_layers={config.finetune.proj_layers}, but the '
                            f'projection head has {hidden} hidden layers to keep.')
@@ -234,10 +234,14 @@ def load_encoder(evaluation: Evaluation, mesh: jax.sharding.Mesh) -> Encoder:
                              image_size=evaluation.image_size)
     return Encoder(model, jax.jit(init, out_shardings=replicated)(jax.random.key(config.seed)),
                    0)
-  saved = evaluation.saved
+  return restore_encoder(evaluation.saved, mesh)
+
+
+def restore_encoder(saved: checkpointing.SavedRun, mesh: jax.sharding.Mesh) -> Encoder:
+  """The model a checkpoint holds (from its metadata alone), restored replicated onto `mesh`."""
   model = models.create_model(saved.model_config, num_classes=saved.meta['num_classes'])
   init = functools.partial(train_state_lib.init_variables, model,
                            image_size=saved.meta['image_size'])
-  abstract = checkpointing.abstract_like(jax.eval_shape(init, jax.random.key(0)), replicated)
-  variables = saved.checkpointer.restore_model(saved.step, abstract)
-  return Encoder(model, variables, saved.step)
+  abstract = checkpointing.abstract_like(jax.eval_shape(init, jax.random.key(0)),
+                                         mesh_lib.replicated(mesh))
+  return Encoder(model, saved.checkpointer.restore_model(saved.step, abstract), saved.step)

@@ -12,7 +12,8 @@ import pytest
 import tensorflow as tf
 
 from simclr_jax import convert_checkpoint
-from simclr_jax import evaluate
+from simclr_jax import checkpointing
+from simclr_jax import eval_setup
 from simclr_jax import mesh as mesh_lib
 from simclr_jax import models
 from simclr_jax.errors import UserError
@@ -277,12 +278,12 @@ def test_write_workdir_is_restored_by_evaluation(tmp_path):
   workdir = str(tmp_path / 'workdir')
   convert_checkpoint.write_workdir(converted, workdir)
 
-  run_config = evaluate.load_run_config(workdir)
-  assert run_config.model.to_dict() == converted.model_config
-  assert (run_config.dataset, run_config.image_size) == ('cifar10', 32)
-  checkpointer, step, meta = evaluate.open_checkpoint(workdir, None, run_config)
-  encoder = evaluate.restore_encoder(checkpointer, step, meta, mesh_lib.create_mesh())
-  assert step == encoder.step == 7
+  saved = checkpointing.open_saved_run(workdir)
+  assert saved.model_config.to_dict() == converted.model_config
+  assert (saved.config.data.dataset, saved.meta['image_size']) == ('cifar10', 32)
+  encoder = eval_setup.restore_encoder(saved, mesh_lib.create_mesh())
+  saved.checkpointer.close()
+  assert saved.step == encoder.step == 7
   restored = jax.device_get(encoder.variables)
   assert jax.tree.structure(restored) == jax.tree.structure(converted.variables)
   jax.tree.map(np.testing.assert_array_equal, restored, converted.variables)
