@@ -242,9 +242,11 @@ def test_losses_and_parameters_match_one_process(two_processes, reference, confi
   assert int(state.step) == NUM_STEPS
   np.testing.assert_array_equal(state.rng, state_reference.rng)
 
-  def close(actual, expected):  # Seen: differences up to 2e-5 of a leaf's largest entry.
+  # Summation order differs between 4 devices and 1; ten LARS steps amplify it.
+  # Seen: differences up to 6e-4 of a leaf's largest entry.
+  def close(actual, expected):
     np.testing.assert_allclose(actual, expected, rtol=1e-4,
-                               atol=2e-4 * max(np.abs(expected).max(), 1e-3))
+                               atol=2e-3 * max(np.abs(expected).max(), 1e-3))
 
   jax.tree.map(close, state.params, state_reference.params)
   jax.tree.map(close, state.batch_stats, state_reference.batch_stats)
