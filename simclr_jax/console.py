@@ -47,6 +47,10 @@ def quiet_third_party_logs(verbose: bool) -> None:
   _log_from_info()
   logging.captureWarnings(True)
   handler.removeFilter(_quiet_filter)
+  # TensorFlow's oneDNN kernels off in both modes: host augmentation (blur's depthwise conv) then
+  # computes the same on every x86 CPU, and TF 2.21 prints no oneDNN banner, which it does on
+  # oneDNN-capable CPUs whatever TF_CPP_MIN_LOG_LEVEL says.
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   if verbose:
     handler.setFormatter(absl_logging.PythonFormatter())
   else:
