@@ -158,6 +158,11 @@ def markdown(parts) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def _xla_step_bytes(sizes) -> float:
+  """The device memory XLA plans for one step: arguments, outputs and temporaries."""
+  return sizes['argument'] + sizes['output'] + sizes['temp'] - sizes['alias'] if sizes else 0
+
+
 def _step_record(facts, timer, config, num_classes, notes) -> dict:
   summary = timer.summary()
   peak = summary['peak_device_bytes']
@@ -167,7 +172,8 @@ def _step_record(facts, timer, config, num_classes, notes) -> dict:
       'tflops_per_sec': summary['achieved_flops_per_device'] / 1e12, 'mfu': summary['mfu'],
       'step_tflop': facts['step_flops_per_device'] / 1e12,
       'peak_flops_source': facts['peak_source'],
-      'peak_device_gib': peak / 2**30 if peak else None,
+      'peak_device_gib': peak / 2**30 if peak else None,  # The process's peak so far.
+      'xla_step_gib': _xla_step_bytes(facts['xla_buffer_bytes']) / 2**30,
       'window_ms': [1e3 * w for w in summary['window_step_s']],
       'loss_after': summary['loss_after'], 'params': facts['params']['total'],
       'settings': {'model': config.model.to_dict(), 'image_size': config.data.image_size,
@@ -216,6 +222,7 @@ class DeviceCheck:
                      'e2e_train_s': _E2E_TRAIN_S.value,
                      'fashion_mnist_dir': os.environ.get('FASHION_MNIST_DIR'),
                      'xla_flags': os.environ.get('XLA_FLAGS'),
+                     'jax_memory_fraction': os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION'),
                      'cases': {c: dict(zip(('config', 'depth', 'image_size', 'batch_size',
                                             'dtype', 'num_classes'), v))
                                for c, v in _SPEC_CASES.items()}},

@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 export OUT="${OUT:-./device_check_out}"
 export FASHION_MNIST_DIR="${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+# JAX takes half the accelerator's memory, so that the PyTorch peer (a child process) fits too.
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}"
 bundle="${DEVICE_BUNDLE:-benchmarks/device_bundle}"
 mkdir -p "$OUT"
 
