@@ -25,6 +25,7 @@ source, no tf.data, metrics.jsonl without TensorBoard) that a host without Tenso
 """
 
 import contextlib
+import importlib
 import importlib.metadata
 import importlib.util
 import json
@@ -60,25 +61,25 @@ _SPEC_CASES = {  # case: (base config, depth, image size, batch, dtype, classes)
     'r18_cifar_fp32': ('cifar10', 18, 32, 512, 'float32', 10),
     'r50_224_bf16': ('imagenet', 50, 224, 256, 'bfloat16', 1000),
 }
-# (part, case, estimated seconds on an H100/H200); e2e's estimate adds --e2e_train_s.
 DRY_RUN_TRAIN_EXAMPLES = 256
+# (part, case, estimated seconds on an H100/H200: guesses until a first run replaces them);
+# e2e's estimate adds --e2e_train_s.
 _PARTS = (
     ('environment', None, 5),
-    ('jax', 'r18_cifar_bf16', 60),
-    ('supervised', 'r18_cifar_bf16', 45),
-    ('torch_eager', 'r18_cifar_bf16', 45),
-    ('e2e', 'fashion_mnist', 100),
-    ('jax', 'r18_cifar_fp32', 50),
-    ('jax', 'r50_224_bf16', 80),
-    ('torch_eager', 'r50_224_bf16', 45),
-    ('torch_eager', 'r18_cifar_fp32', 40),
+    ('jax', 'r18_cifar_bf16', 40),
+    ('supervised', 'r18_cifar_bf16', 30),
+    ('torch_eager', 'r18_cifar_bf16', 40),
+    ('e2e', 'fashion_mnist', 80),
+    ('jax', 'r18_cifar_fp32', 40),
+    ('jax', 'r50_224_bf16', 60),
+    ('torch_eager', 'r50_224_bf16', 40),
+    ('torch_eager', 'r18_cifar_fp32', 30),
     ('torch_compile', 'r18_cifar_bf16', 90),
 )
 
 
 def case_config(case: str, dry_run: bool):
   """(config, num_classes) of a step-benchmark case; tiny shapes for a dry run."""
-  import importlib  # pylint: disable=g-import-not-at-top
   base, depth, size, batch, dtype, num_classes = _SPEC_CASES[case]
   config = importlib.import_module(f'configs.{base}').get_config()
   config.model.update(depth=depth, dtype=dtype)
@@ -276,6 +277,7 @@ class DeviceCheck:
     return self._torch(case, ['--compile'], timeout=240)
 
   def e2e(self, _):
+    from simclr_jax import data  # pylint: disable=g-import-not-at-top
     from simclr_jax import evaluate  # pylint: disable=g-import-not-at-top
     from simclr_jax import pretrain  # pylint: disable=g-import-not-at-top
     measured = self.report.find('jax/r18_cifar_bf16').get('images_per_sec')
@@ -304,6 +306,8 @@ class DeviceCheck:
               'seconds_per_epoch': steps_per_epoch / step_rate,
               'cifar10_epoch_s_equivalent': 50_000 / (step_rate * config.batch_size),
               'epochs': logged[-1]['step'] / steps_per_epoch, 'epochs_planned': epochs,
+              'steps': logged[-1]['step'],  # Fewer than planned: the guard stopped the run.
+              'steps_planned': data.train_steps(num_train, config.batch_size, epochs),
               'train_wall_s': train_s, 'final_loss': logged[-1]['loss'],
               'final_probe_acc': logged[-1].get('probe_acc'),
               'settings': {'pretrain': config.to_dict(), 'eval': [e.to_dict() for e in evals]}}

@@ -24,8 +24,9 @@ if ! python3 -c 'import ml_collections' 2>/dev/null; then
          "run bash benchmarks/make_device_bundle.sh first." >&2
     exit 2
   fi
-  python3 -m pip install -q --no-index --no-deps --upgrade --target "$bundle/site" "$bundle"/wheels/*.whl
-  export PYTHONPATH="$PWD/$bundle/site${PYTHONPATH:+:$PYTHONPATH}"
+  site="$(cd "$bundle" && pwd)/site"
+  python3 -m pip install -q --no-index --no-deps --upgrade --target "$site" "$bundle"/wheels/*.whl
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 python3 benchmarks/device_check.py "$@" 2>&1 | tee "$OUT/device_check.log"
