@@ -41,7 +41,9 @@ import traceback
 
 from absl import app, flags, logging
 
-for _hidden in ('tensorflow', 'tensorflow_datasets'):  # Imports of them raise ImportError.
+# The TF-free path even where TensorFlow is installed: importing these raises ImportError and
+# importlib.util.find_spec gives None, so memory_data reads plain files and no tf.data starts.
+for _hidden in ('tensorflow', 'tensorflow_datasets'):
   sys.modules[_hidden] = None
 
 import bench_util  # noqa: E402
