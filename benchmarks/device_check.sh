@@ -25,7 +25,12 @@ if ! python3 -c 'import ml_collections' 2>/dev/null; then
     exit 2
   fi
   site="$(cd "$bundle" && pwd)/site"
-  python3 -m pip install -q --no-index --no-deps --upgrade --target "$site" "$bundle"/wheels/*.whl
+  if ! python3 -m pip install -q --no-index --no-deps --upgrade --target "$site" \
+      "$bundle"/wheels/*.whl; then
+    for wheel in "$bundle"/wheels/*.whl; do  # No pip: a pure-Python wheel is a zip of the tree.
+      python3 -m zipfile -e "$wheel" "$site"
+    done
+  fi
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
