@@ -37,7 +37,6 @@ import resource
 import subprocess
 import sys
 import time
-import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -79,32 +78,7 @@ _TRACE_DIR = flags.DEFINE_string('trace_dir', None, 'Also profile --trace_steps 
                                  'take the most time.')
 _TRACE_STEPS = flags.DEFINE_integer('trace_steps', 2, 'Steps in the --trace_dir profile.')
 
-# Dense peak FLOP/s of one JAX device, from vendor spec sheets: (substring of device_kind, name,
-# {dtype: peak}). fp32 on GPUs is the TF32 tensor-core peak (XLA and cuDNN run fp32 convolutions
-# in TF32 by default); on TPUs fp32 matmuls with default precision are one bf16 MXU pass.
-# TPU v2/v3 devices are single TensorCores (half a chip); v4, v5p are megacore chips.
-PEAK_FLOPS = (
-    ('TPU v6', 'TPU v6e (Trillium) chip', {'bfloat16': 918e12, 'float32': 918e12}),
-    ('TPU v5 lite', 'TPU v5e chip', {'bfloat16': 197e12, 'float32': 197e12}),
-    ('TPU v5e', 'TPU v5e chip', {'bfloat16': 197e12, 'float32': 197e12}),
-    ('TPU v5', 'TPU v5p chip', {'bfloat16': 459e12, 'float32': 459e12}),
-    ('TPU v4', 'TPU v4 chip', {'bfloat16': 275e12, 'float32': 275e12}),
-    ('TPU v3', 'TPU v3 core (half chip)', {'bfloat16': 61.5e12, 'float32': 61.5e12}),
-    ('H200', 'NVIDIA H200 SXM', {'bfloat16': 989e12, 'float32': 494.5e12}),
-    ('H100 PCIe', 'NVIDIA H100 PCIe', {'bfloat16': 756e12, 'float32': 378e12}),
-    ('H100 NVL', 'NVIDIA H100 NVL', {'bfloat16': 835e12, 'float32': 417.5e12}),
-    ('H100', 'NVIDIA H100 SXM', {'bfloat16': 989e12, 'float32': 494.5e12}),
-    ('A100', 'NVIDIA A100', {'bfloat16': 312e12, 'float32': 156e12}),
-)
 _DATASET_CLASSES = {'imagenet2012': 1000, 'cifar100': 100}
-
-
-def peak_flops(device_kind: str, dtype: str):
-  """(name, peak FLOP/s) of the first PEAK_FLOPS row whose key is in device_kind, else None."""
-  for key, name, peaks in PEAK_FLOPS:
-    if key.lower() in device_kind.lower():
-      return name, peaks[dtype]
-  return None
 
 
 def _host_input_dataset(image_size):
@@ -162,208 +136,6 @@ def _num_classes(config, split):
   if split is not None and split.num_classes:
     return split.num_classes
   return _DATASET_CLASSES.get(config.data.dataset, 10)
-
-
-def _synthetic_batch(config, num_classes, mesh):
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from simclr_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  size = config.data.image_size
-  batch = {'views': rng.random((config.batch_size, 2, size, size, 3), np.float32),
-           'label': rng.integers(0, max(num_classes, 1), config.batch_size).astype(np.int32)}
-  return jax.device_put(batch, mesh_lib.batch_sharded(mesh))
-
-
-def _param_counts(params) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  counts = {k: int(sum(x.size for x in jax.tree.leaves(v))) for k, v in params.items()}
-  counts['total'] = sum(counts.values())
-  return counts
-
-
-def _frames_from(hlo: str, filename: str) -> set:
-  """Ids of the HLO stack frames whose call chain passes through a file ending in filename."""
-  tables, section = {}, None
-  for line in hlo.splitlines():
-    if line in ('FileNames', 'FunctionNames', 'FileLocations', 'StackFrames'):
-      section = tables.setdefault(line, {})
-    elif section is not None and (m := re.match(r'(\d+) (.*)', line)):
-      section[int(m.group(1))] = m.group(2)
-    else:
-      section = None
-  files = {i for i, name in tables.get('FileNames', {}).items()
-           if name.strip('"').endswith(filename)}
-  locations = {i for i, text in tables.get('FileLocations', {}).items()
-               if int(re.search(r'file_name_id=(\d+)', text).group(1)) in files}
-  frames = {i: tuple(int(x) for x in re.findall(r'=(\d+)', text))
-            for i, text in tables.get('StackFrames', {}).items()}
-  found = set()
-  for frame in frames:
-    seen, current = set(), frame
-    while current in frames and current not in seen:
-      seen.add(current)
-      location, parent = frames[current]
-      if location in locations:
-        found.add(frame)
-        break
-      current = parent
-  return found
-
-
-def hlo_checks(hlo: str, global_batch: int, num_devices: int, proj_dim: int) -> dict:
-  """What the optimized HLO of the step holds: host callbacks, collectives, logits shapes.
-
-  The contrastive logits (and their gradient) are the [rows, 2N] float arrays made by
-  simclr_jax/losses.py (found through the HLO's stack frames); with the loss sharded over the
-  mesh, rows = 2N / devices: no device materialises the global [2N, 2N] logits.
-  """
-  cols = 2 * global_batch
-  loss_frames = _frames_from(hlo, 'simclr_jax/losses.py')
-  shape = re.compile(r'= (?:f32|bf16)\[(\d+),' + str(cols) + r'\]')
-  logits_rows = set()
-  for line in hlo.splitlines():
-    frame = re.search(r'stack_frame_id=(\d+)', line)
-    if frame and int(frame.group(1)) in loss_frames:
-      logits_rows.update(int(m.group(1)) for m in shape.finditer(line))
-  host = re.findall(r'custom_call_target="([^"]*(?:callback|host)[^"]*)"', hlo)
-  return {
-      'host_callbacks': sorted(set(host)),
-      'infeed_outfeed_send_recv': len(re.findall(r' (?:infeed|outfeed|send|recv)\(', hlo)),
-      'all_gather': len(re.findall(r' all-gather(?:-start)?\(', hlo)),
-      'all_reduce': len(re.findall(r' all-reduce(?:-start)?\(', hlo)),
-      'reduce_scatter': len(re.findall(r' reduce-scatter\(', hlo)),
-      'loss_logits_rows': sorted(logits_rows),
-      'logits_shape_expected_per_device': [cols // num_devices, cols],
-      # With proj_dim == 2N the gathered [2N, d] embeddings look like logits: no verdict.
-      'logits_rows_ok': (None if proj_dim == cols else
-                         bool(logits_rows) and max(logits_rows) <= cols // num_devices),
-  }
-
-
-def _timed_windows(run_steps, num_steps, num_windows):
-  """Runs num_steps steps in num_windows windows; returns per-step seconds of each window."""
-  num_windows = max(1, min(num_windows, num_steps))
-  sizes = [num_steps // num_windows + (i < num_steps % num_windows) for i in range(num_windows)]
-  return [run_steps(n) / n for n in sizes]
-
-
-def _cpu_seconds():
-  """User + system CPU seconds of this process (all threads)."""
-  t = os.times()
-  return t.user + t.system
-
-
-def bench_device(config, mesh, num_classes, notes):
-  """Compiles the real train step and times it on a device-resident synthetic batch."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from simclr_jax import data  # pylint: disable=g-import-not-at-top
-  from simclr_jax import pretrain  # pylint: disable=g-import-not-at-top
-
-  # The schedule's length does not change the step's cost: a stand-in split of 1000 batches.
-  split = data.stand_in_split(config.data, 1000 * config.batch_size, num_classes or None)
-  setup = pretrain.build(config, split, mesh)
-  step_fn = setup.step_fn
-  state = setup.create_state(jax.random.key(config.seed))
-  batch = _synthetic_batch(config, num_classes, mesh)
-  params = _param_counts(state.params)
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter('always')
-    start = time.perf_counter()
-    lowered = step_fn.lower(state, batch)
-    lower_s = time.perf_counter() - start
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - start
-    old_leaves = jax.tree.leaves(state)
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(state)
-  donation_warnings = [str(w.message)[:200] for w in caught if 'donat' in str(w.message).lower()]
-  donated = all(leaf.is_deleted() for leaf in old_leaves)
-  if donation_warnings or not donated:
-    notes.append(f'Donation: {donation_warnings or "state buffers not consumed"}.')
-
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  step_flops = float(cost.get('flops', 0.0)) if cost else 0.0
-  memory = compiled.memory_analysis()
-  xla_bytes = None
-  if memory is not None:
-    xla_bytes = {k: int(getattr(memory, f'{k}_size_in_bytes', 0)) for k in
-                 ('argument', 'output', 'temp', 'alias', 'generated_code')}
-  checks = hlo_checks(compiled.as_text(), config.batch_size, mesh.devices.size,
-                      config.model.proj_dim)
-  if checks['host_callbacks'] or checks['infeed_outfeed_send_recv']:
-    notes.append(f"HOST SYNC IN THE STEP: {checks['host_callbacks']}, "
-                 f"{checks['infeed_outfeed_send_recv']} infeed/outfeed/send/recv.")
-  if checks['logits_rows_ok'] is False:
-    notes.append(f"LOSS MATERIALISES MORE THAN THIS DEVICE'S ROWS: {checks['loss_logits_rows']} "
-                 f"rows of {checks['logits_shape_expected_per_device'][1]} columns.")
-
-  for _ in range(_WARMUP.value):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready((state, metrics))
-
-  device = mesh.devices.flat[0]
-  peak = (('--peak_flops', _PEAK_FLOPS.value) if _PEAK_FLOPS.value
-          else peak_flops(device.device_kind, config.model.dtype))
-  result = {
-      'devices': int(mesh.devices.size), 'device_kind': device.device_kind,
-      'platform': device.platform,
-      'lower_s': lower_s, 'compile_s': compile_s,
-      'step_flops_per_device': step_flops,  # cost_analysis is per device (SPMD module).
-      'peak_flops_per_device': peak[1] if peak else None,
-      'peak_source': peak[0] if peak else None,
-      'xla_buffer_bytes': xla_bytes,
-      'donation_warnings': donation_warnings, 'state_donated': donated,
-      'host_transfers_in_timed_steps': 'none (jax.transfer_guard disallow)',
-      'hlo': checks, 'params': params,
-  }
-
-  class Runner:
-    """Times more windows of the compiled step; keeps the (donated, replaced) state."""
-
-    def __init__(self):
-      self.state, self.metrics, self.windows, self.cpu = state, metrics, [], []
-
-    def time(self, num_steps, num_windows):
-      def run_steps(n):
-        cpu, start = _cpu_seconds(), time.perf_counter()
-        for _ in range(n):
-          self.state, self.metrics = compiled(self.state, batch)
-        jax.block_until_ready((self.state, self.metrics))
-        self.cpu.append((_cpu_seconds() - cpu) / n)
-        return time.perf_counter() - start
-      with jax.transfer_guard('disallow'):
-        windows = _timed_windows(run_steps, num_steps, num_windows)
-      self.windows += windows
-      return windows
-
-    def trace(self, num_steps, trace_dir):
-      with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        for _ in range(num_steps):
-          self.state, self.metrics = compiled(self.state, batch)
-        jax.block_until_ready((self.state, self.metrics))
-
-    def summary(self):
-      step_s = bench_util.median(self.windows)
-      achieved = step_flops / step_s
-      stats = [d.memory_stats() for d in mesh.devices.flat]
-      peak_bytes = (max(int(s.get('peak_bytes_in_use', 0)) for s in stats)
-                    if all(stats) else None)
-      return {
-          'step_s_median': step_s, 'step_s_min': min(self.windows),
-          'step_s_max': max(self.windows), 'window_step_s': self.windows,
-          'cpu_s_per_step_median': bench_util.median(self.cpu),
-          'images_per_s': config.batch_size / step_s,
-          'views_per_s': 2 * config.batch_size / step_s,
-          'achieved_flops_per_device': achieved,
-          'mfu': achieved / peak[1] if peak else None,
-          'peak_device_bytes': peak_bytes,
-          'loss_after': float(jax.device_get(self.metrics['loss'])),
-      }
-
-  return result, compiled, Runner()
 
 
 def trace_op_times(trace_dir, num_steps, top=15):
@@ -436,28 +208,9 @@ def bench_peer(config, num_classes, notes):
     return None
   if python is None:
     return None
-  m = config.model
-  command = [python, os.path.join(_ROOT, 'benchmarks', 'torch_peer.py'),
-             f'--depth={m.depth}', f'--width_multiplier={m.width_multiplier}',
-             f'--cifar_stem={int(m.cifar_stem)}', f'--proj_mode={m.proj_mode}',
-             f'--proj_num_layers={m.proj_num_layers}', f'--proj_dim={m.proj_dim}',
-             f'--num_classes={num_classes}', f'--image_size={config.data.image_size}',
-             f'--batch_size={config.batch_size}', f'--dtype={m.dtype}',
-             f'--temperature={config.temperature}', f'--weight_decay={config.weight_decay}',
-             f'--momentum={config.momentum}', f'--steps={_STEPS.value}',
-             f'--warmup={_WARMUP.value}', f'--windows={_WINDOWS.value}',
-             *_PEER_ARGS.value.split()]
-  if config.similarity != 'cosine':
-    notes.append(f'PyTorch peer uses cosine similarity; the config has {config.similarity}.')
-  process = subprocess.run(command, capture_output=True, text=True, check=False)
-  if process.returncode:
-    notes.append(f'PyTorch peer failed ({process.returncode}): '
-                 f'{process.stderr.strip().splitlines()[-1:] }')
-    return None
-  result = json.loads(process.stdout.strip().splitlines()[-1])
-  result['command'] = ' '.join(os.path.relpath(c, _ROOT) if c.startswith(_ROOT) else c
-                               for c in command)
-  return result
+  return bench_util.run_peer(python, config, num_classes, notes, steps=_STEPS.value,
+                             warmup=_WARMUP.value, windows=_WINDOWS.value,
+                             extra_args=_PEER_ARGS.value.split())
 
 
 def _fmt(x, unit='', scale=1.0, digits=1):
@@ -523,6 +276,7 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')  # tf.data must not take the accelerators.
   import jax  # pylint: disable=g-import-not-at-top
   from simclr_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  import step_timing  # pylint: disable=g-import-not-at-top  # Imports JAX: after TensorFlow.
 
   config = _CONFIG.value
   notes = []
@@ -548,7 +302,9 @@ def main(argv):
 
   rounds = []
   with jax.set_mesh(mesh):
-    results['device'], compiled, runner = bench_device(config, mesh, num_classes, notes)
+    results['device'], runner = step_timing.bench_device(
+        config, mesh, num_classes, notes, warmup=_WARMUP.value, peak_override=_PEAK_FLOPS.value)
+    compiled = runner.compiled
     # Rounds alternate JAX windows and a peer run, so that both see the same machine load.
     for _ in range(max(1, _ROUNDS.value)):
       jax_windows = runner.time(_STEPS.value, _WINDOWS.value)

@@ -24,7 +24,12 @@ class MetricWriter:
       return
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     self.path = epath.Path(workdir) / filename
-    import tensorflow as tf  # Only process 0 needs the summary writer.
+    try:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top  # Process 0 only.
+    except ImportError:  # A TF-free install (the memory source): metrics.jsonl alone.
+      logging.info('No TensorFlow: no TensorBoard events, only %s.', self.path)
+      self._summary = None
+      return
     self._tf = tf
     self._summary = tf.summary.create_file_writer(os.path.join(workdir, tensorboard_subdir))
 
@@ -35,6 +40,8 @@ class MetricWriter:
       return record
     with self.path.open('a') as f:
       f.write(json.dumps(record) + '\n')
+    if self._summary is None:
+      return record
     with self._summary.as_default(step=int(step)):
       for key, value in record.items():
         if key != 'step' and isinstance(value, (int, float)):
