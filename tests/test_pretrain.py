@@ -1,9 +1,11 @@
 """The pretraining loop: resume, device-count invariance and bad input (tiny model and data)."""
 
+import errno
 import json
 import os
 import shutil
 import signal
+import types
 
 import jax
 import numpy as np
@@ -300,3 +302,21 @@ def test_resume_drops_metrics_rows_after_the_checkpoint(tmp_path):
   path.write_text('\n'.join(rows) + '\n{"step": 9, "lo')  # Killed while writing step 9.
   metrics_writer.MetricWriter(str(tmp_path), after_step=5).write(6, {'loss': 0.5})
   assert [r['step'] for r in read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
+
+
+def test_disk_full_while_saving_is_one_line(uninterrupted, tmp_path, monkeypatch):
+  workdir = str(tmp_path / 'full')
+  shutil.copytree(uninterrupted, workdir)
+  checkpointer = checkpointing.Checkpointer(workdir)
+  partial = os.path.join(checkpointer.directory, '6.orbax-checkpoint-tmp-1')
+  os.makedirs(partial)
+
+  def save_on_a_full_disk(*args, **kwargs):
+    raise RuntimeError('Save failed') from OSError(errno.ENOSPC, 'No space left on device')
+  monkeypatch.setattr(checkpointer._manager, 'save', save_on_a_full_disk)
+  state = types.SimpleNamespace(step=np.int32(6), params={}, batch_stats={}, opt_state={},
+                                rng=None)
+  with pytest.raises(errors.UserError, match='No space left on the disk of .* while saving step '
+                                             '6; the last intact checkpoint is step 4'):
+    checkpointer.save(state, {})
+  assert not os.path.exists(partial)
