@@ -8,7 +8,8 @@ image size, class count, dataset and the whole pretraining config. Resuming chec
 
 Every checkpoint is sealed once written: `checkpoints/<step>.sha256.json` holds the SHA-256 of
 every file of `<step>/`. Only a step whose files match it is intact (`latest_intact_step`); a
-torn, truncated or altered checkpoint is reported and passed over.
+torn, truncated or altered checkpoint is reported and passed over. (Checkpoints of a directory
+without any seal, written before there were seals, are used unverified.)
 Every process calls every method (Orbax coordinates multi-host writes).
 """
 
@@ -199,8 +200,11 @@ class Checkpointer:
     try:
       expected = json.loads(path.read_text())
     except FileNotFoundError:
-      return (f'{path} is missing: the save of step {step} did not finish, or an older '
-              'simclr_jax wrote it')
+      if not any(epath.Path(self.directory).glob(f'*{CHECKSUM_SUFFIX}')):
+        logging.warning('The checkpoints in %s have no checksums (written before simclr_jax '
+                        'sealed them); step %d is used unverified.', self.directory, step)
+        return None
+      return f'{path} is missing: the save of step {step} did not finish'
     except (OSError, ValueError) as e:
       return f'{path} is unreadable ({e})'
     actual = _file_checksums(self._step_path(step))

@@ -2,7 +2,8 @@
 
 The kernel releases the lock when its process ends, however it ends, so a lock is never stale.
 Only process 0 takes it (the others write only through Orbax, coordinated by process 0's run).
-URLs such as gs://bucket/run have no file locks and are not locked.
+URLs such as gs://bucket/run have no file locks and are not locked, nor are file systems whose
+locks fail (a warning says so).
 """
 
 import contextlib
@@ -11,6 +12,7 @@ import os
 import socket
 
 import jax
+from absl import logging
 
 from simclr_jax import errors
 
@@ -24,6 +26,7 @@ def hold(directory: str, name: str = '.lock'):
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, name)
   with open(path, 'a+') as f:
+    locked = True
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -31,12 +34,17 @@ def hold(directory: str, name: str = '.lock'):
       holder = f.read().strip() or 'another process'
       raise errors.UserError(f'{directory} is in use by {holder} (lock {path}); wait for it to '
                              'finish, or use another directory.') from None
-    f.seek(0)
-    f.truncate()
-    f.write(f'pid {os.getpid()} on {socket.gethostname()}')
-    f.flush()
+    except OSError as e:  # A file system without locks (some NFS set-ups).
+      logging.warning('Cannot lock %s (%s); make sure no other run writes there.', path, e)
+      locked = False
+    if locked:
+      f.seek(0)
+      f.truncate()
+      f.write(f'pid {os.getpid()} on {socket.gethostname()}')
+      f.flush()
     try:
       yield
     finally:
-      f.truncate(0)
-      fcntl.flock(f, fcntl.LOCK_UN)
+      if locked:
+        f.truncate(0)
+        fcntl.flock(f, fcntl.LOCK_UN)

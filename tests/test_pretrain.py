@@ -281,6 +281,9 @@ def test_no_intact_checkpoint_is_one_line(uninterrupted, tiny_data_dir, tmp_path
     checkpointing.open_saved_run(workdir)
   with pytest.raises(errors.UserError, match=r'step 4 is damaged: .* does not match its checksum'):
     checkpointing.open_saved_run(workdir, step=4)
+  # Checkpoints from before there were checksums (none in the directory) are used unverified.
+  os.remove(os.path.join(workdir, 'checkpoints', '4.sha256.json'))
+  assert checkpointing.open_saved_run(workdir).step == 4
 
 
 def test_signal_checkpoints_and_exits_with_128_plus_signal(tiny_data_dir, tmp_path, monkeypatch):
