@@ -1,4 +1,5 @@
-"""One writer per workdir: a second writer is refused in one line naming the holder."""
+"""Processes: one writer per workdir (a second is refused in one line naming the holder), and a
+failure ends the process at once even when a thread would keep it alive."""
 
 import os
 import subprocess
@@ -52,3 +53,20 @@ def test_lock_is_free_once_its_process_is_gone(held_workdir):
         pass
   with workdir_lock.hold(workdir):  # Released at the end of the block.
     pass
+
+
+_STUCK = '''
+import threading
+from simclr_jax import distributed
+distributed.exit_at_once_on_uncaught_exception()
+threading.Thread(target=threading.Event().wait).start()  # A save that never finishes.
+raise OSError('Save failed')
+'''
+
+
+def test_failure_exits_at_once_despite_a_stuck_thread():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, '-c', _STUCK], cwd=root, capture_output=True,
+                          text=True, timeout=60,  # Without the hook: never returns.
+                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 1 and 'OSError: Save failed' in result.stderr
