@@ -201,8 +201,9 @@ class Checkpointer:
       expected = json.loads(path.read_text())
     except FileNotFoundError:
       if not any(epath.Path(self.directory).glob(f'*{CHECKSUM_SUFFIX}')):
-        logging.warning('The checkpoints in %s have no checksums (written before simclr_jax '
-                        'sealed them); step %d is used unverified.', self.directory, step)
+        logging.log_first_n(logging.WARNING, 'The checkpoints in %s have no checksums (written '
+                            'before simclr_jax sealed them); they are used unverified.', 1,
+                            self.directory)
         return None
       return f'{path} is missing: the save of step {step} did not finish'
     except (OSError, ValueError) as e:

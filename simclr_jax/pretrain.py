@@ -188,15 +188,12 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _resume_step(checkpointer: checkpointing.Checkpointer) -> int | None:
-  """The newest intact step; damaged newer ones are set aside, so the run can save them anew."""
+  """The newest intact step (None in a new workdir); UserError when no step is intact."""
   steps = checkpointer.all_steps()
   latest = checkpointer.latest_intact_step()
   if steps and latest is None:
     raise errors.UserError(f'No intact checkpoint in {checkpointer.directory} (steps '
                            f'{", ".join(map(str, steps))}); move it away to start afresh.')
-  for step in steps:
-    if latest is not None and step > latest:
-      checkpointer.set_aside(step)
   if latest is not None and latest != steps[-1]:
     logging.warning('Resuming from step %d, the newest intact checkpoint.', latest)
   return latest
@@ -208,6 +205,7 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str, step: int | 
   config_to_step<step>.json."""
   if jax.process_index() != 0:
     return
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   path = epath.Path(workdir) / 'config.json'
   if changes:
     logging.warning('Resuming step %d with a changed config: %s.', step, '; '.join(changes))
@@ -227,6 +225,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mes
   if latest is not None:
     changes = checkpointing.check_resumable(checkpointer.restore_meta(latest), meta, latest,
                                             workdir, allow_config_change)
+    for step in checkpointer.all_steps():
+      if step > latest:  # Damaged: out of the way, so this run can save the step anew.
+        checkpointer.set_aside(step)
   _record_config(config, workdir, latest, changes)
 
   with jax.set_mesh(mesh):
