@@ -226,6 +226,16 @@ class Checkpointer:
         logging.warning('Passing over the checkpoint of step %d: %s.', step, problem)
     return None
 
+  def require_intact_step(self, advice: str) -> int | None:
+    """The newest intact step, None without checkpoints; UserError (ending with `advice`) when
+    there are checkpoints but none is intact."""
+    latest = self.latest_intact_step()
+    if latest is None and self.all_steps():
+      raise errors.UserError(f'No intact checkpoint in {self.directory} (steps '
+                             f'{", ".join(map(str, self.all_steps()))}; see the warnings above); '
+                             f'{advice}.')
+    return latest
+
   def set_aside(self, step: int) -> None:
     """Renames a damaged step directory to `<step>.damaged`, so a resumed run can save it anew."""
     if jax.process_index() == 0:
@@ -299,10 +309,7 @@ def open_saved_run(workdir: str, step: int | None = None) -> SavedRun:
     raise errors.UserError(f'No checkpoint in {checkpointer.directory}; pretrain first, or '
                            'evaluate an untrained encoder with --config.random_init=True.')
   if step is None:
-    step = checkpointer.latest_intact_step()
-    if step is None:
-      raise errors.UserError(f'No intact checkpoint in {checkpointer.directory} (steps '
-                             f'{", ".join(map(str, steps))}): each fails its checksum.')
+    step = checkpointer.require_intact_step('evaluate another run')
   elif step not in steps:
     raise errors.UserError(f'No checkpoint of step {step} in {checkpointer.directory}; '
                            f'available steps: {", ".join(map(str, steps))}.')

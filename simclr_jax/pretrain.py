@@ -189,12 +189,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 
 def _resume_step(checkpointer: checkpointing.Checkpointer) -> int | None:
   """The newest intact step (None in a new workdir); UserError when no step is intact."""
-  steps = checkpointer.all_steps()
-  latest = checkpointer.latest_intact_step()
-  if steps and latest is None:
-    raise errors.UserError(f'No intact checkpoint in {checkpointer.directory} (steps '
-                           f'{", ".join(map(str, steps))}); move it away to start afresh.')
-  if latest is not None and latest != steps[-1]:
+  latest = checkpointer.require_intact_step('move them away to start afresh')
+  if latest is not None and latest != checkpointer.all_steps()[-1]:
     logging.warning('Resuming from step %d, the newest intact checkpoint.', latest)
   return latest
 

@@ -256,6 +256,7 @@ def test_damaged_latest_checkpoint_falls_back_and_resumes_exactly(uninterrupted,
   assert checkpointer.damage(2) is None
   assert damaged_file in checkpointer.damage(4)
   assert checkpointer.latest_intact_step() == 2
+  assert checkpointing.open_saved_run(workdir).step == 2  # What run_eval evaluates.
 
   pretrain.run(tiny_pretrain_config(tiny_data_dir), workdir)
   assert f'Passing over the checkpoint of step 4: {damaged_file}' in caplog.text
