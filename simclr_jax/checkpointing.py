@@ -67,7 +67,9 @@ def check_resumable(saved: dict, meta: dict, step: int, workdir: str,
                            '--workdir, or the config that wrote it.')
   if 'config' not in saved:  # Written before checkpoints carried their config.
     return []
-  fields = [k for k in _differing(saved['config'], _as_json(meta['config']))
+  # Fields added to (or removed from) the config since the checkpoint was written do not count:
+  # a new field's default keeps the old behaviour.
+  fields = [k for k in _differing(saved['config'], _as_json(meta['config']), shared_only=True)
             if not k.startswith(('model.', *BOOKKEEPING_FIELDS))]
   changes = _changes(saved['config'], meta['config'], fields)
   if fields and not allow_config_change:
@@ -77,13 +79,15 @@ def check_resumable(saved: dict, meta: dict, step: int, workdir: str,
   return changes
 
 
-def _differing(old: dict, new: dict, prefix: str = '') -> list[str]:
-  """Dotted names of the leaves that differ between two nested dicts."""
+def _differing(old: dict, new: dict, prefix: str = '', shared_only: bool = False) -> list[str]:
+  """Dotted names of the leaves that differ between two nested dicts (of the keys both have, if
+  `shared_only`)."""
   names = []
-  for key in sorted(set(old) | set(new)):
+  keys = set(old) & set(new) if shared_only else set(old) | set(new)
+  for key in sorted(keys):
     a, b = old.get(key), new.get(key)
     if isinstance(a, dict) and isinstance(b, dict):
-      names += _differing(a, b, f'{prefix}{key}.')
+      names += _differing(a, b, f'{prefix}{key}.', shared_only)
     elif a != b:
       names.append(f'{prefix}{key}')
   return names

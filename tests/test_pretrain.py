@@ -247,6 +247,21 @@ def test_resume_with_another_training_config_is_refused(uninterrupted, tiny_data
     assert json.load(f)['log_every_steps'] == 2
 
 
+def test_only_training_fields_of_both_configs_count_as_changes():
+  saved = {'model': {'depth': 18}, 'image_size': 16, 'num_classes': 4,
+           'config': {'batch_size': 16, 'log_every_steps': 1, 'monitor': {'k': 5},
+                      'data': {'data_dir': '/a', 'augment': {'color_strength': 0.5}}}}
+  now = json.loads(json.dumps(saved))
+  now['config'].update(log_every_steps=5, monitor={'k': 7}, added_since=3)
+  now['config']['data']['data_dir'] = '/b'
+  assert checkpointing.check_resumable(saved, now, 4, 'w') == []
+  now['config']['data']['augment']['color_strength'] = 1.0
+  with pytest.raises(errors.UserError, match='color_strength: checkpoint 0.5, now 1.0'):
+    checkpointing.check_resumable(saved, now, 4, 'w')
+  assert checkpointing.check_resumable(saved, now, 4, 'w', allow_config_change=True) == [
+      'data.augment.color_strength: checkpoint 0.5, now 1.0']
+
+
 def test_damaged_latest_checkpoint_falls_back_and_resumes_exactly(uninterrupted, tiny_data_dir,
                                                                   tmp_path, caplog):
   workdir = str(tmp_path / 'damaged')
