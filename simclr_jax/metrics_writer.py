@@ -52,7 +52,7 @@ class MetricWriter:
 
 def drop_rows_after(path: epath.Path, step: int) -> None:
   """Rewrites the JSON-lines file `path` (atomically) without its rows of steps after `step`,
-  and without a torn last line."""
+  and without torn lines (a kill in mid-write)."""
   kept = []
   for line in path.read_text().splitlines():
     try:
