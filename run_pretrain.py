@@ -3,7 +3,9 @@ r"""Pretrains a SimCLR encoder.
     python run_pretrain.py --workdir=runs/default [--config=configs/default.py] \
         [--config.batch_size=512 ...]
 
-Rerunning the same command resumes from the latest checkpoint in --workdir.
+Rerunning the same command resumes from the latest intact checkpoint in --workdir. Exit status:
+0 done, 1 a failure (traceback), 2 a user error (one line), 128 + N stopped by signal N after
+checkpointing (SIGTERM: 143, Ctrl-C: 130).
 """
 
 import os
@@ -18,6 +20,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     'Training configuration file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.',
                                required=True)
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    'allow_config_change', False,
+    'Resume even though the training config differs from the checkpoint\'s (the old config is '
+    'kept as config_to_step<N>.json).')
 cli.define_flags()
 
 
@@ -30,7 +36,8 @@ def main(argv):
     tf.config.set_visible_devices([], 'GPU')
     cli.initialize_distributed()
     from simclr_jax import pretrain as pretrain_lib
-    pretrain_lib.run(_CONFIG.value, _WORKDIR.value)
+    pretrain_lib.run(_CONFIG.value, _WORKDIR.value,
+                     allow_config_change=_ALLOW_CONFIG_CHANGE.value)
 
   cli.run_main('run_pretrain.py', pretrain)
 

@@ -32,8 +32,7 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif multihost or os.environ.get('SIMCLR_MULTIHOST') == '1':
     jax.distributed.initialize()
-  if jax.process_count() > 1:
-    exit_at_once_on_uncaught_exception()
+  exit_at_once_on_uncaught_exception()
   logging.info('process %d of %d; %d local / %d global devices (%s)', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
@@ -45,7 +44,8 @@ def exit_at_once_on_uncaught_exception() -> None:
   In a multi-process run a normal exit waits at JAX's shutdown barrier for every other process,
   up to 5 minutes, and the others are stuck in a collective that waits for this one: the whole
   run would hang for 5 minutes before failing. Exiting at once lets a launcher see the failure
-  (and the others abort when the distributed runtime misses this process's heartbeats).
+  (and the others abort when the distributed runtime misses this process's heartbeats). In any
+  run, it also keeps a thread that never ends (a stuck write) from holding the process.
   """
   previous_hook = sys.excepthook
 

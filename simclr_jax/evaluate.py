@@ -23,6 +23,7 @@ from simclr_jax import eval_setup
 from simclr_jax import mesh as mesh_lib
 from simclr_jax import metrics_writer
 from simclr_jax import protocols
+from simclr_jax import workdir_lock
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
@@ -33,7 +34,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   evaluation = eval_setup.prepare(config, workdir, step, mesh)
   task = evaluation.task
   eval_dir = os.path.join(workdir, 'eval')
-  with jax.set_mesh(mesh):
+  # One writer per evaluation name; other evaluations of the run may go on at the same time.
+  with workdir_lock.hold(eval_dir, f'.{evaluation.name}.lock'), jax.set_mesh(mesh):
     encoder = eval_setup.load_encoder(evaluation, mesh)
     if config.protocol in eval_setup.TRAINED_PROTOCOLS:
       metrics = protocols.run_classifier(evaluation, encoder, mesh,
@@ -42,14 +44,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
       metrics = protocols.run_knn(evaluation, encoder, mesh)
     else:
       metrics = protocols.run_linear_features(evaluation, encoder, mesh)
-  if evaluation.saved is not None:
-    evaluation.saved.checkpointer.close()
-  results = {'protocol': config.protocol, 'name': evaluation.name, 'step': encoder.step,
-             'dataset': task.test.config.dataset, 'train_split': task.train.split,
-             'eval_split': task.test.split, 'num_train_examples': task.num_train_examples,
-             'label_subset': task.label_subset, 'image_size': evaluation.image_size, **metrics,
-             'seconds': time.perf_counter() - start, 'config': config.to_dict()}
-  write_results(eval_dir, results)
+    if evaluation.saved is not None:
+      evaluation.saved.checkpointer.close()
+    results = {'protocol': config.protocol, 'name': evaluation.name, 'step': encoder.step,
+               'dataset': task.test.config.dataset, 'train_split': task.train.split,
+               'eval_split': task.test.split, 'num_train_examples': task.num_train_examples,
+               'label_subset': task.label_subset, 'image_size': evaluation.image_size,
+               **metrics, 'seconds': time.perf_counter() - start, 'config': config.to_dict()}
+    write_results(eval_dir, results)
   return results
 
 
@@ -64,5 +66,7 @@ def write_results(eval_dir: str, results: dict) -> None:
                os.path.join(eval_dir, f'{name}.json'))
   writer = metrics_writer.MetricWriter(eval_dir, filename='results.jsonl', tensorboard_subdir='tb')
   writer.write(results['step'], {f'{name}/{k}': v for k, v in scores.items()})
-  if jax.process_index() == 0:
-    (epath.Path(eval_dir) / f'{name}.json').write_text(json.dumps(results, indent=2))
+  if jax.process_index() == 0:  # Written whole or not at all (a full disk leaves no torn file).
+    temporary = epath.Path(eval_dir) / f'.{name}.json.tmp'
+    temporary.write_text(json.dumps(results, indent=2))
+    temporary.replace(epath.Path(eval_dir) / f'{name}.json')

@@ -16,14 +16,21 @@ def _to_python(value):
 
 
 class MetricWriter:
-  """Appends one JSON object per `write` call; writes nothing on processes other than 0."""
+  """Appends one JSON object per `write` call; writes nothing on processes other than 0.
 
-  def __init__(self, workdir: str, filename: str = 'metrics.jsonl', tensorboard_subdir='tb'):
+  A run resumed from step `after_step` first drops the rows of later steps, which the
+  interrupted run logged after its last checkpoint, so every step appears once.
+  """
+
+  def __init__(self, workdir: str, filename: str = 'metrics.jsonl', tensorboard_subdir='tb',
+               after_step: int | None = None):
     self._enabled = jax.process_index() == 0
     if not self._enabled:
       return
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     self.path = epath.Path(workdir) / filename
+    if after_step is not None and self.path.exists():
+      drop_rows_after(self.path, after_step)
     try:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top  # Process 0 only.
     except ImportError:  # A TF-free install (the memory source): metrics.jsonl alone.
@@ -48,6 +55,22 @@ class MetricWriter:
           self._tf.summary.scalar(key, value)
     self._summary.flush()
     return record
+
+
+def drop_rows_after(path: epath.Path, step: int) -> None:
+  """Rewrites the JSON-lines file `path` (atomically) without its rows of steps after `step`,
+  and without torn lines (a kill in mid-write)."""
+  kept = []
+  for line in path.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if row.get('step', 0) <= step:
+      kept.append(line + '\n')
+  temporary = path.parent / f'.{path.name}.tmp'
+  temporary.write_text(''.join(kept))
+  temporary.replace(path)
 
 
 class Progress:

@@ -15,6 +15,7 @@ from etils import epath
 from simclr_jax import checkpointing
 from simclr_jax import data
 from simclr_jax import distributed
+from simclr_jax import errors
 from simclr_jax import losses
 from simclr_jax import mesh as mesh_lib
 from simclr_jax import metrics_writer
@@ -23,6 +24,7 @@ from simclr_jax import models
 from simclr_jax import optim
 from simclr_jax import train_loop
 from simclr_jax import train_state as train_state_lib
+from simclr_jax import workdir_lock
 
 
 def probe_loss_and_metrics(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
@@ -94,10 +96,19 @@ class Setup:
         mesh_lib.replicated(self.mesh))
 
 
+def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Raises UserError for a batch size or step cadence pretraining cannot run with."""
+  mesh_lib.check_global_batch_size(config.batch_size, mesh)
+  for name, least in (('log_every_steps', 1), ('checkpoint_every_steps', 0),
+                      ('keep_checkpoints', 1), ('eval_every_steps', 0)):
+    if config[name] < least:
+      raise errors.UserError(f'{name} must be at least {least}, got {config[name]}.')
+
+
 def build(config: ml_collections.ConfigDict, split: data.Split,
           mesh: jax.sharding.Mesh) -> Setup:
   """The model, optimizer and jitted functions of pretraining on `split`, compiled lazily."""
-  mesh_lib.check_global_batch_size(config.batch_size, mesh)
+  check_config(config, mesh)
   data.check_pretrain_split(split, config.batch_size)
   # The online probe needs labels; unlabelled datasets train without it.
   num_classes = (split.num_classes or 0) if config.online_probe else 0
@@ -132,6 +143,7 @@ class _StopRequest:
 
   def __init__(self):
     self.requested = False
+    self.signal = None  # The number of the signal that asked this process to stop.
     self._previous = {}
 
   def __enter__(self):
@@ -149,6 +161,7 @@ class _StopRequest:
     del frame
     logging.warning('Received signal %d: checkpointing and stopping.', signum)
     self.requested = True
+    self.signal = signum
 
   def _forward_to_preemption_service(self, signum, frame):
     del frame
@@ -162,23 +175,56 @@ class _StopRequest:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
-        mesh: jax.sharding.Mesh | None = None) -> dict:
+        mesh: jax.sharding.Mesh | None = None, allow_config_change: bool = False) -> dict:
   """Pretrains (or resumes) in `workdir` on `mesh` (all devices by default).
 
-  Returns the last logged metrics.
+  Resuming needs the training config of the checkpoint, unless `allow_config_change`. Returns the
+  last logged metrics; raises SystemExit(128 + signal) after the checkpoint of a signalled stop.
   """
   mesh = mesh or mesh_lib.create_mesh()
-  mesh_lib.check_global_batch_size(config.batch_size, mesh)
+  check_config(config, mesh)  # Before preparing the data, which may take long.
+  with workdir_lock.hold(workdir):
+    return _run(config, workdir, mesh, allow_config_change)
+
+
+def _resume_step(checkpointer: checkpointing.Checkpointer) -> int | None:
+  """The newest intact step (None in a new workdir); UserError when no step is intact."""
+  latest = checkpointer.require_intact_step('move them away to start afresh')
+  if latest is not None and latest != checkpointer.all_steps()[-1]:
+    logging.warning('Resuming from step %d, the newest intact checkpoint.', latest)
+  return latest
+
+
+def _record_config(config: ml_collections.ConfigDict, workdir: str, step: int | None,
+                   changes: list[str]) -> None:
+  """Writes workdir/config.json; a changed config first keeps the old one as
+  config_to_step<step>.json."""
+  if jax.process_index() != 0:
+    return
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  path = epath.Path(workdir) / 'config.json'
+  if changes:
+    logging.warning('Resuming step %d with a changed config: %s.', step, '; '.join(changes))
+    if path.exists():
+      path.replace(path.parent / f'config_to_step{step}.json')
+  path.write_text(config.to_json_best_effort(indent=2))
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+         allow_config_change: bool) -> dict:
   distributed.process_0_first(data.prepare, config.data)
   setup = build(config, data.open_split(config.data, config.data.train_split), mesh)
   meta = checkpointing.run_metadata(config, setup.num_classes)
   checkpointer = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
-  latest = checkpointer.latest_step()
+  latest = _resume_step(checkpointer)
+  changes = []
   if latest is not None:
-    checkpointing.check_resumable(checkpointer.restore_meta(latest), meta, latest, workdir)
-  if jax.process_index() == 0:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    changes = checkpointing.check_resumable(checkpointer.restore_meta(latest), meta, latest,
+                                            workdir, allow_config_change)
+    for step in checkpointer.all_steps():
+      if step > latest:  # Damaged: out of the way, so this run can save the step anew.
+        checkpointer.set_aside(step)
+  _record_config(config, workdir, latest, changes)
 
   with jax.set_mesh(mesh):
     if latest is None:
@@ -189,7 +235,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     start_step = int(jax.device_get(state.step))
     batches = data.pretrain_batches(setup.split, mesh, seed=config.seed,
                                     batch_size=config.batch_size, start_step=start_step)
-    writer = metrics_writer.MetricWriter(workdir)
+    writer = metrics_writer.MetricWriter(workdir, after_step=start_step)
     progress = metrics_writer.Progress(start_step, setup.total_steps, config.batch_size)
     logging.info('Training steps %d..%d (%d per epoch), global batch %d on %d devices.',
                  start_step, setup.total_steps, setup.steps_per_epoch, config.batch_size,
@@ -204,12 +250,12 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       if not all_finite(state.params):
         raise FloatingPointError(
             f'Parameters are not finite after step {step}; not checkpointing. The last good '
-            f'checkpoint is step {checkpointer.latest_step()}.')
+            f'checkpoint is step {checkpointer.latest_intact_step(quiet=True)}.')
       checkpointer.save(state, meta)
 
     def non_finite_message(step, loss):
       return (f'Loss is {loss} at step {step}; stopping. The last good checkpoint is step '
-              f'{checkpointer.latest_step()} in {checkpointer.directory}.')
+              f'{checkpointer.latest_intact_step(quiet=True)} in {checkpointer.directory}.')
 
     knn = monitor.knn_monitor(config, setup.model, mesh)
     with _StopRequest() as stop:
@@ -223,4 +269,6 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       logging.warning('Stopped at step %d; rerun the same command to resume.', result.stopped_at)
   checkpointer.wait_until_finished()
   checkpointer.close()
+  if stop.signal is not None:
+    raise SystemExit(128 + stop.signal)
   return result.record

@@ -27,6 +27,7 @@ from simclr_jax import models
 from simclr_jax import pretrain
 from simclr_jax import protocols
 from simclr_jax import train_state as train_state_lib
+from simclr_jax import workdir_lock
 
 STEP = 3
 
@@ -172,6 +173,16 @@ def test_protocols_end_to_end(pretrain_run, tmp_path, overrides, name):
   assert results['num_train_examples'] == (48 if name == 'finetune_50pct' else 96)
   with open(os.path.join(workdir, 'eval', 'results.jsonl')) as f:
     assert list(json.loads(f.readline())) == ['step', f'{name}/top1']
+
+
+def test_a_second_writer_of_the_same_evaluation_is_refused(pretrain_run, tmp_path):
+  workdir = _copy_run(pretrain_run, tmp_path)
+  with workdir_lock.hold(os.path.join(workdir, 'eval'), '.knn.lock'):
+    with count_compilations() as compilations, pytest.raises(
+        errors.UserError, match=f'eval is in use by pid {os.getpid()}'):
+      evaluate.evaluate(_eval_config('knn'), workdir)
+  assert compilations == []
+  assert not os.path.exists(os.path.join(workdir, 'eval', 'knn.json'))
 
 
 def _numpy_knn_scores(queries, keys, key_labels, key_valid, num_classes, k, temperature):

@@ -1,8 +1,11 @@
 """The pretraining loop: resume, device-count invariance and bad input (tiny model and data)."""
 
+import errno
 import json
 import os
 import shutil
+import signal
+import types
 
 import jax
 import numpy as np
@@ -14,6 +17,7 @@ from simclr_jax import data
 from simclr_jax import errors
 from simclr_jax import eval_setup
 from simclr_jax import mesh as mesh_lib
+from simclr_jax import metrics_writer
 from simclr_jax import models
 from simclr_jax import pretrain
 from simclr_jax import protocols
@@ -69,10 +73,18 @@ def test_restart_after_crash_resumes_exactly(uninterrupted, tiny_data_dir, tmp_p
 
 
 def test_longer_rerun_continues_from_checkpoint(uninterrupted, tiny_data_dir, tmp_path):
+  # A longer run changes the learning-rate schedule: refused, unless allowed.
   workdir = str(tmp_path / 'longer')
   shutil.copytree(uninterrupted, workdir)
-  pretrain.run(tiny_pretrain_config(tiny_data_dir, num_train_steps=6), workdir)
+  longer = tiny_pretrain_config(tiny_data_dir, num_train_steps=6)
+  with pytest.raises(errors.UserError, match='num_train_steps: checkpoint 4, now 6'):
+    pretrain.run(longer, workdir)
+  pretrain.run(longer, workdir, allow_config_change=True)
   assert [r['step'] for r in read_metrics(workdir)] == [1, 2, 3, 4, 5, 6]
+  with open(os.path.join(workdir, 'config_to_step4.json')) as f:
+    assert json.load(f)['num_train_steps'] == 4
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['num_train_steps'] == 6
 
 
 def test_one_and_eight_devices_give_the_same_losses(uninterrupted, tiny_data_dir, tmp_path):
@@ -96,6 +108,9 @@ def test_unlabelled_dataset_trains_without_the_probe(tmp_path):
 @pytest.mark.parametrize('overrides, match', [
     ({'batch_size': 12}, 'not divisible by the 8 devices'),
     ({'batch_size': 0}, 'batch_size must be positive'),
+    ({'batch_size': -32}, 'batch_size must be positive'),
+    ({'log_every_steps': 0}, 'log_every_steps must be at least 1, got 0'),
+    ({'keep_checkpoints': 0}, 'keep_checkpoints must be at least 1, got 0'),
     ({'data.image_size': 32}, 'image_size=32 exceeds the 16x16 images'),
     ({'data.train_split': 'validation'}, 'no split'),
     ({'data.dataset': 'no_such_dataset'}, "Unknown dataset 'no_such_dataset'"),
@@ -195,3 +210,132 @@ def test_knn_monitor_matches_numpy_and_leaves_training_unchanged(uninterrupted, 
       scores[key_labels[j]] += np.exp(similarity[j] / 0.1)
     correct.append(np.argmax(scores) == label)
   assert records[-1]['knn_top1'] == pytest.approx(np.mean(correct))
+
+
+# Failure behaviour (docs/design.md): config changes, damaged checkpoints, signals, duplicates.
+
+def _damage(workdir, step):
+  """Flips bytes in the middle of the largest file of a checkpoint (its size stays the same)."""
+  step_dir = os.path.join(workdir, 'checkpoints', str(step))
+  files = [os.path.join(parent, name) for parent, _, names in os.walk(step_dir) for name in names]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, 'r+b') as f:
+    f.seek(os.path.getsize(largest) // 2)
+    chunk = f.read(64)
+    f.seek(-len(chunk), os.SEEK_CUR)
+    f.write(bytes(b ^ 0xFF for b in chunk))
+  return largest
+
+
+def test_resume_with_another_training_config_is_refused(uninterrupted, tiny_data_dir, tmp_path):
+  workdir = str(tmp_path / 'changed')
+  shutil.copytree(uninterrupted, workdir)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    recorded = f.read()
+  changed = tiny_pretrain_config(tiny_data_dir, batch_size=32, learning_rate=0.5)
+  with count_compilations() as compilations, pytest.raises(
+      errors.UserError, match=r'another config \(batch_size: checkpoint 16, now 32; '
+                              r'learning_rate: checkpoint 1.0, now 0.5\)'):
+    pretrain.run(changed, workdir)
+  assert compilations == []
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert f.read() == recorded
+  # Bookkeeping may change; the run is complete, so nothing more is trained.
+  pretrain.run(tiny_pretrain_config(tiny_data_dir, log_every_steps=2, keep_checkpoints=5),
+               workdir)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['log_every_steps'] == 2
+
+
+def test_only_training_fields_of_both_configs_count_as_changes():
+  saved = {'model': {'depth': 18}, 'image_size': 16, 'num_classes': 4,
+           'config': {'batch_size': 16, 'log_every_steps': 1, 'monitor': {'k': 5},
+                      'data': {'data_dir': '/a', 'augment': {'color_strength': 0.5}}}}
+  now = json.loads(json.dumps(saved))
+  now['config'].update(log_every_steps=5, monitor={'k': 7}, added_since=3)
+  now['config']['data']['data_dir'] = '/b'
+  assert checkpointing.check_resumable(saved, now, 4, 'w') == []
+  now['config']['data']['augment']['color_strength'] = 1.0
+  with pytest.raises(errors.UserError, match='color_strength: checkpoint 0.5, now 1.0'):
+    checkpointing.check_resumable(saved, now, 4, 'w')
+  assert checkpointing.check_resumable(saved, now, 4, 'w', allow_config_change=True) == [
+      'data.augment.color_strength: checkpoint 0.5, now 1.0']
+
+
+def test_damaged_latest_checkpoint_falls_back_and_resumes_exactly(uninterrupted, tiny_data_dir,
+                                                                  tmp_path, caplog):
+  workdir = str(tmp_path / 'damaged')
+  shutil.copytree(uninterrupted, workdir)
+  damaged_file = _damage(workdir, 4)
+  checkpointer = checkpointing.Checkpointer(workdir, create=False)
+  assert checkpointer.damage(2) is None
+  assert damaged_file in checkpointer.damage(4)
+  assert checkpointer.latest_intact_step() == 2
+  assert checkpointing.open_saved_run(workdir).step == 2  # What run_eval evaluates.
+
+  pretrain.run(tiny_pretrain_config(tiny_data_dir), workdir)
+  assert f'Passing over the checkpoint of step 4: {damaged_file}' in caplog.text
+  # The steps the damaged checkpoint held are trained again, and logged once.
+  resumed, reference = read_metrics(workdir), read_metrics(uninterrupted)
+  assert [r['step'] for r in resumed] == [1, 2, 3, 4]
+  np.testing.assert_allclose([r['loss'] for r in resumed], [r['loss'] for r in reference],
+                             rtol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, restored_params(workdir, 4),
+               restored_params(uninterrupted, 4))
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '4.damaged'))
+  assert checkpointing.Checkpointer(workdir, create=False).damage(4) is None
+
+
+def test_no_intact_checkpoint_is_one_line(uninterrupted, tiny_data_dir, tmp_path):
+  workdir = str(tmp_path / 'all_damaged')
+  shutil.copytree(uninterrupted, workdir)
+  _damage(workdir, 4)
+  os.remove(os.path.join(workdir, 'checkpoints', '2.sha256.json'))  # An unfinished save.
+  with pytest.raises(errors.UserError, match=r'No intact checkpoint in .*checkpoints \(steps 2, 4'):
+    pretrain.run(tiny_pretrain_config(tiny_data_dir), workdir)
+  with pytest.raises(errors.UserError, match=r'No intact checkpoint'):
+    checkpointing.open_saved_run(workdir)
+  with pytest.raises(errors.UserError, match=r'step 4 is damaged: .* does not match its checksum'):
+    checkpointing.open_saved_run(workdir, step=4)
+  # Checkpoints from before there were checksums (none in the directory) are used unverified.
+  os.remove(os.path.join(workdir, 'checkpoints', '4.sha256.json'))
+  assert checkpointing.open_saved_run(workdir).step == 4
+
+
+def test_signal_checkpoints_and_exits_with_128_plus_signal(tiny_data_dir, tmp_path, monkeypatch):
+  def log_and_signal(step, total_steps, record):
+    if step == 1:
+      signal.raise_signal(signal.SIGTERM)
+  monkeypatch.setattr(metrics_writer, 'log_progress', log_and_signal)
+  workdir = str(tmp_path / 'signalled')
+  with pytest.raises(SystemExit) as exit_info:
+    pretrain.run(tiny_pretrain_config(tiny_data_dir), workdir)
+  assert exit_info.value.code == 128 + signal.SIGTERM
+  checkpointer = checkpointing.Checkpointer(workdir, create=False)
+  assert checkpointer.all_steps() == [2] and checkpointer.damage(2) is None  # Stopped at 2.
+
+
+def test_resume_drops_metrics_rows_after_the_checkpoint(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  rows = [json.dumps({'step': step, 'loss': float(step)}) for step in range(1, 9)]
+  path.write_text('\n'.join(rows) + '\n{"step": 9, "lo')  # Killed while writing step 9.
+  metrics_writer.MetricWriter(str(tmp_path), after_step=5).write(6, {'loss': 0.5})
+  assert [r['step'] for r in read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
+
+
+def test_disk_full_while_saving_is_one_line(uninterrupted, tmp_path, monkeypatch):
+  workdir = str(tmp_path / 'full')
+  shutil.copytree(uninterrupted, workdir)
+  checkpointer = checkpointing.Checkpointer(workdir)
+  partial = os.path.join(checkpointer.directory, '6.orbax-checkpoint-tmp-1')
+  os.makedirs(partial)
+
+  def save_on_a_full_disk(*args, **kwargs):
+    raise RuntimeError('Save failed') from OSError(errno.ENOSPC, 'No space left on device')
+  monkeypatch.setattr(checkpointer._manager, 'save', save_on_a_full_disk)
+  state = types.SimpleNamespace(step=np.int32(6), params={}, batch_stats={}, opt_state={},
+                                rng=None)
+  with pytest.raises(errors.UserError, match='No space left on the disk of .* while saving step '
+                                             '6; the last intact checkpoint is step 4'):
+    checkpointer.save(state, {})
+  assert not os.path.exists(partial)
