@@ -1,21 +1,23 @@
 r"""Pretrains a SimCLR encoder.
 
     python run_pretrain.py --workdir=runs/default [--config=configs/default.py] \
-        [--config.batch_size=512 ...]
+        [--config.batch_size=512 ...] [--dry_run] [--verbose]
 
-Rerunning the same command resumes from the latest checkpoint in --workdir.
+Rerunning the same command resumes from the latest checkpoint in --workdir. The console shows a
+header and a progress line; WORKDIR/log.txt has the full log. --dry_run prints the plan only.
 """
 
 import os
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from simclr_jax import cli
+from simclr_jax import console
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs/default.py'),
-    'Training configuration file.', lock_config=True)
+_CONFIG = cli.define_config_flag(
+    'run_pretrain.py',
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs/default.py'),
+    'Training configuration file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.',
                                required=True)
 cli.define_flags()
@@ -24,12 +26,17 @@ cli.define_flags()
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  console.quiet_third_party_logs(flags.FLAGS.verbose)  # Before TensorFlow's import.
 
   def pretrain():
-    import tensorflow as tf  # Hide accelerators from tf.data before JAX takes them.
-    tf.config.set_visible_devices([], 'GPU')
+    tf = console.import_tensorflow()
+    tf.config.set_visible_devices([], 'GPU')  # Hide accelerators from tf.data before JAX.
     cli.initialize_distributed()
     from simclr_jax import pretrain as pretrain_lib
+    if flags.FLAGS.dry_run:
+      print(pretrain_lib.plan(_CONFIG.value, _WORKDIR.value))
+      return
+    cli.log_to_file(_WORKDIR.value)
     pretrain_lib.run(_CONFIG.value, _WORKDIR.value)
 
   cli.run_main('run_pretrain.py', pretrain)

@@ -15,6 +15,7 @@ from etils import epath
 from simclr_jax import checkpointing
 from simclr_jax import data
 from simclr_jax import distributed
+from simclr_jax import errors
 from simclr_jax import losses
 from simclr_jax import mesh as mesh_lib
 from simclr_jax import metrics_writer
@@ -99,6 +100,8 @@ def build(config: ml_collections.ConfigDict, split: data.Split,
   """The model, optimizer and jitted functions of pretraining on `split`, compiled lazily."""
   mesh_lib.check_global_batch_size(config.batch_size, mesh)
   data.check_pretrain_split(split, config.batch_size)
+  if not config.temperature > 0:
+    raise errors.UserError(f'temperature must be positive, got {config.temperature}.')
   # The online probe needs labels; unlabelled datasets train without it.
   num_classes = (split.num_classes or 0) if config.online_probe else 0
   model = models.create_model(config.model, num_classes=num_classes)
@@ -161,6 +164,69 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
+def describe(setup: Setup, workdir: str, latest_step: int | None) -> str:
+  """The run in five lines: data, steps, learning rate, model, workdir (a run's header and the
+  plan of --dry_run). Traces the model's initialisation; compiles nothing."""
+  config, split = setup.config, setup.split
+  height, width, channels = split.image_shape
+  images = f'{height}x{width}x{channels}' if height else f'{channels}-channel images of any size'
+  classes = f'{split.num_classes} classes' if split.num_classes else 'no labels'
+  devices = setup.mesh.devices.flatten()
+  warmup = data.warmup_steps(split.num_examples, config.batch_size, config.warmup_epochs)
+  peak = optim.peak_learning_rate(config.learning_rate, config.batch_size,
+                                  config.learning_rate_scaling)
+  schedule = (f'warmup over {warmup:,} steps to {peak:.4g}, cosine to 0 at step '
+              f'{setup.total_steps:,}' if warmup < setup.total_steps else
+              f'warmup over {warmup:,} steps to {peak:.4g}, ending inside it')
+  params = jax.eval_shape(setup.create_state, jax.random.key(config.seed)).params
+  counts = ', '.join(f'{name} {sum(x.size for x in jax.tree.leaves(tree)):,}'
+                     for name, tree in params.items())
+  if latest_step is None:
+    state = 'fresh run'
+  elif latest_step >= setup.total_steps:
+    state = f'complete (step {latest_step:,}): nothing to do'
+  else:
+    state = f'resumes from step {latest_step:,}'
+  model = config.model
+  return '\n'.join([
+      f'data     {config.data.dataset} {split.split!r}: {split.num_examples:,} examples '
+      f'({images}, {classes}), views {config.data.image_size}x{config.data.image_size}',
+      f'steps    {setup.total_steps:,} = {setup.total_steps / setup.steps_per_epoch:.3g} epochs '
+      f'of {setup.steps_per_epoch:,} steps; global batch {config.batch_size} on {len(devices)} '
+      f'{devices[0].platform} device(s), {jax.process_count()} process(es)',
+      f'lr       {config.learning_rate} x {config.learning_rate_scaling} batch scaling: '
+      f'{schedule}',
+      f'model    ResNet-{model.depth} x{model.width_multiplier} {model.dtype}: {counts} '
+      'parameters',
+      f'workdir  {workdir}: {state}'])
+
+
+def _open(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, *,
+          create: bool) -> tuple[Setup, checkpointing.Checkpointer, int | None]:
+  """Checks and opens what a run needs: (setup, checkpointer, latest step or None)."""
+  mesh_lib.check_global_batch_size(config.batch_size, mesh)
+  checkpointing.check_workdir(workdir)
+  distributed.process_0_first(data.prepare, config.data)
+  setup = build(config, data.open_split(config.data, config.data.train_split), mesh)
+  checkpointer = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
+                                            create=create)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    checkpointing.check_resumable(checkpointer.restore_meta(latest),
+                                  checkpointing.run_metadata(config, setup.num_classes), latest,
+                                  workdir)
+  return setup, checkpointer, latest
+
+
+def plan(config: ml_collections.ConfigDict, workdir: str,
+         mesh: jax.sharding.Mesh | None = None) -> str:
+  """`describe` of the run `run` would do, after the same checks; writes and compiles nothing."""
+  setup, checkpointer, latest = _open(config, workdir, mesh or mesh_lib.create_mesh(),
+                                      create=False)
+  checkpointer.close()
+  return describe(setup, workdir, latest)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str,
         mesh: jax.sharding.Mesh | None = None) -> dict:
   """Pretrains (or resumes) in `workdir` on `mesh` (all devices by default).
@@ -168,37 +234,21 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   Returns the last logged metrics.
   """
   mesh = mesh or mesh_lib.create_mesh()
-  mesh_lib.check_global_batch_size(config.batch_size, mesh)
-  distributed.process_0_first(data.prepare, config.data)
-  setup = build(config, data.open_split(config.data, config.data.train_split), mesh)
+  setup, checkpointer, latest = _open(config, workdir, mesh, create=True)
   meta = checkpointing.run_metadata(config, setup.num_classes)
-  checkpointer = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    checkpointing.check_resumable(checkpointer.restore_meta(latest), meta, latest, workdir)
   if jax.process_index() == 0:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  logging.info('%s', describe(setup, workdir, latest))
 
   with jax.set_mesh(mesh):
     if latest is None:
       state = setup.create_state(jax.random.key(config.seed))
     else:
       state = checkpointer.restore(latest, setup.abstract_state())
-      logging.info('Resumed from %s at step %d.', checkpointer.directory, latest)
     start_step = int(jax.device_get(state.step))
     batches = data.pretrain_batches(setup.split, mesh, seed=config.seed,
                                     batch_size=config.batch_size, start_step=start_step)
-    writer = metrics_writer.MetricWriter(workdir)
-    progress = metrics_writer.Progress(start_step, setup.total_steps, config.batch_size)
-    logging.info('Training steps %d..%d (%d per epoch), global batch %d on %d devices.',
-                 start_step, setup.total_steps, setup.steps_per_epoch, config.batch_size,
-                 mesh.devices.size)
-
-    def log(step, record):
-      record.update(progress.update(step), epoch=step / setup.steps_per_epoch)
-      writer.write(step, record)
-      metrics_writer.log_progress(step, setup.total_steps, record)
 
     def save(step, state):
       if not all_finite(state.params):
@@ -212,10 +262,13 @@ def run(config: ml_collections.ConfigDict, workdir: str,
               f'{checkpointer.latest_step()} in {checkpointer.directory}.')
 
     knn = monitor.knn_monitor(config, setup.model, mesh)
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, metrics_writer.TrainingLog(
+        workdir, first_step=start_step, total_steps=setup.total_steps,
+        batch_size=config.batch_size, steps_per_epoch=setup.steps_per_epoch,
+        desc='pretrain') as training_log:
       result = train_loop.run(
           state, setup.step_fn, batches, first_step=start_step + 1,
-          last_step=setup.total_steps, log_every_steps=config.log_every_steps, on_log=log,
+          last_step=setup.total_steps, log_every_steps=config.log_every_steps, on_log=training_log,
           non_finite_message=non_finite_message, evaluations=(knn,) if knn else (),
           actions=(train_loop.Periodic(config.checkpoint_every_steps, save),),
           should_stop=lambda step: stop.requested or checkpointer.reached_preemption(step))
@@ -223,4 +276,6 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       logging.warning('Stopped at step %d; rerun the same command to resume.', result.stopped_at)
   checkpointer.wait_until_finished()
   checkpointer.close()
+  if result.stopped_at is None and start_step < setup.total_steps:
+    logging.info('Done: %d steps; checkpoints in %s', setup.total_steps, checkpointer.directory)
   return result.record

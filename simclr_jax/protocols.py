@@ -219,6 +219,12 @@ def _num_features(config, encoder: eval_setup.Encoder, image_size: int) -> int:
   return features.shape[-1]
 
 
+def classifier_steps(config, num_train_examples: int) -> int:
+  """Steps of config.protocol's classifier training: its num_epochs of config.batch_size."""
+  steps_per_epoch = data.steps_per_epoch(num_train_examples, config.batch_size)
+  return max(int(round(config[config.protocol].num_epochs * steps_per_epoch)), 1)
+
+
 def train_classifier(evaluation: eval_setup.Evaluation, encoder: eval_setup.Encoder, mesh,
                      log_dir: str):
   """linear or finetune: trains a zero-initialised linear classifier named 'probe' (and, for
@@ -230,7 +236,7 @@ def train_classifier(evaluation: eval_setup.Evaluation, encoder: eval_setup.Enco
   config, task = evaluation.config, evaluation.task
   cfg = config[config.protocol]
   steps_per_epoch = data.steps_per_epoch(task.num_train_examples, config.batch_size)
-  total_steps = max(int(round(cfg.num_epochs * steps_per_epoch)), 1)
+  total_steps = classifier_steps(config, task.num_train_examples)
   logits_fn, frozen, trunk = _classifier_parts(config, encoder)
   tx, schedule = create_optimizer(cfg, config.batch_size, total_steps,
                                   trunk.get('batch_stats', {}))
@@ -250,24 +256,19 @@ def train_classifier(evaluation: eval_setup.Evaluation, encoder: eval_setup.Enco
       functools.partial(classifier_train_step, logits_fn=logits_fn, tx=tx, schedule=schedule),
       in_shardings=(replicated, replicated, mesh_lib.batch_sharded(mesh)),
       out_shardings=(replicated, replicated), donate_argnums=(0,))
-  writer = metrics_writer.MetricWriter(log_dir)
-  progress = metrics_writer.Progress(0, total_steps, config.batch_size)
   batches = data.classifier_batches(task.train, mesh, seed=config.seed,
                                     batch_size=config.batch_size, example_ids=task.train_ids)
   logging.info('Training the %s classifier: %d steps (%d per epoch) of batch %d.',
                config.protocol, total_steps, steps_per_epoch, config.batch_size)
-
-  def log(step, record):
-    record.update(progress.update(step), epoch=step / steps_per_epoch)
-    writer.write(step, record)
-    metrics_writer.log_progress(step, total_steps, record)
-
-  result = train_loop.run(
-      state, lambda state, batch: step_fn(state, frozen, batch), batches, first_step=1,
-      last_step=total_steps, log_every_steps=config.log_every_steps, on_log=log,
-      non_finite_message=lambda step, loss: (
-          f'The {config.protocol} loss is {loss} at step {step}; lower '
-          f'--config.{config.protocol}.learning_rate.'))
+  with metrics_writer.TrainingLog(log_dir, first_step=0, total_steps=total_steps,
+                                  batch_size=config.batch_size, steps_per_epoch=steps_per_epoch,
+                                  desc=config.protocol) as training_log:
+    result = train_loop.run(
+        state, lambda state, batch: step_fn(state, frozen, batch), batches, first_step=1,
+        last_step=total_steps, log_every_steps=config.log_every_steps, on_log=training_log,
+        non_finite_message=lambda step, loss: (
+            f'The {config.protocol} loss is {loss} at step {step}; lower '
+            f'--config.{config.protocol}.learning_rate.'))
   return result.state, frozen, logits_fn
 
 

@@ -140,6 +140,18 @@ def test_errors_before_compiling(pretrain_run, unlabelled_data_dir, tmp_path, ca
   assert compilations == []
 
 
+def test_plan_describes_the_evaluation_without_compiling_or_writing(pretrain_run):
+  workdir = pretrain_run[0]
+  with count_compilations() as compilations:
+    text = evaluate.plan(_eval_config('finetune'), workdir)
+  assert compilations == [] and not os.path.exists(os.path.join(workdir, 'eval'))
+  # Half of the 96 labelled examples (48), 1 epoch of batch 16: 3 steps.
+  assert text.splitlines()[0] == 'protocol finetune: 1 epochs = 3 steps of batch 16'
+  assert f'step {STEP} of {workdir}' in text
+  assert "48 labelled examples of 'train'" in text and "32 of 'test'" in text
+  assert text.endswith(os.path.join(workdir, 'eval', 'finetune_50pct.json'))
+
+
 @pytest.mark.parametrize('overrides, name', [
     ({'protocol': 'linear', 'linear.label_fraction': 1.0}, 'linear'),
     ({'protocol': 'linear', 'linear.label_fraction': 0.01}, 'linear_1pct'),
