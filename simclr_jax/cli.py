@@ -27,18 +27,22 @@ MOVED_FIELDS = {name: f'data.{name}' for name in (
 
 
 def define_flags() -> None:
-  """Flags every entry point has: the console's, --dry_run and the multi-process start-up ones."""
+  """Flags every entry point has: the console's, --dry_run and the multi-process start-up ones.
+
+  They are registered as the main program's, so its --help lists them (not only --helpfull).
+  """
+  main = dict(module_name=sys.argv[0])
   flags.DEFINE_bool('verbose', False, 'Show the INFO and WARNING logs of TF, TFDS, Orbax and JAX '
-                    'on the console (the log file always has them).')
+                    'on the console (the log file always has them).', **main)
   flags.DEFINE_bool('dry_run', False, 'Check the config, data, devices and workdir, print the '
-                    'plan and exit, writing nothing and compiling nothing.')
+                    'plan and exit, writing nothing and compiling nothing.', **main)
   flags.DEFINE_string('coordinator_address', None,
-                      'host:port of process 0, for GPU clusters or local processes.')
-  flags.DEFINE_integer('num_processes', None, 'Total number of processes.')
-  flags.DEFINE_integer('process_id', None, 'This process index, 0..num_processes-1.')
+                      'host:port of process 0, for GPU clusters or local processes.', **main)
+  flags.DEFINE_integer('num_processes', None, 'Total number of processes.', **main)
+  flags.DEFINE_integer('process_id', None, 'This process index, 0..num_processes-1.', **main)
   flags.DEFINE_bool('multihost', False,
                     'Call jax.distributed.initialize() with no arguments (Cloud TPU pods, Slurm). '
-                    'Also enabled by the environment variable SIMCLR_MULTIHOST=1.')
+                    'Also enabled by the environment variable SIMCLR_MULTIHOST=1.', **main)
 
 
 def initialize_distributed() -> None:
@@ -101,7 +105,9 @@ def define_config_flag(program: str, default: str, help_text: str,
   """--config (ml_collections). Its default config applies the --config.<field> overrides as
   soon as the flag is defined, so their errors are made one line here, not only at parsing."""
   with _flag_errors_as_one_line(program, sys.argv, moved):
-    return config_flags.DEFINE_config_file('config', default, help_text, lock_config=True)
+    holder = config_flags.DEFINE_config_file('config', default, help_text, lock_config=True)
+  flags.FLAGS.register_flag_by_module(sys.argv[0], flags.FLAGS['config'])  # Listed by --help.
+  return holder
 
 
 def parse_flags(program: str, moved: dict[str, str] = MOVED_FIELDS) -> Callable:
