@@ -14,6 +14,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
+from simclr_jax import console
 from simclr_jax import data
 from simclr_jax import eval_setup
 from simclr_jax import knn
@@ -76,15 +77,35 @@ def features(variables: dict, images: jax.Array, model: models.SimCLRModel | Non
       model.apply(variables, images, train=False, method=models.SimCLRModel.encode))
 
 
-def extract_features(encoder: eval_setup.Encoder, batches, mesh: jax.sharding.Mesh) -> dict:
-  """{'features', 'label', 'mask'} of all `batches`, as global arrays sharded over the mesh."""
+_IN_FLIGHT = 2  # Batches of `extract_features` left running while its progress is counted.
+
+
+def extract_features(encoder: eval_setup.Encoder, batches, mesh: jax.sharding.Mesh,
+                     progress: console.ProgressLine | None = None) -> dict:
+  """{'features', 'label', 'mask'} of all `batches`, as global arrays sharded over the mesh;
+  `progress` counts the batches whose features are computed, then is closed."""
   rows = []
   for batch in batches:  # Dispatch is asynchronous: the host prepares the next batch meanwhile.
     rows.append({'features': features(encoder.variables, batch['image'], encoder.model),
                  'label': batch['label'], 'mask': batch['mask']})
+    if progress is not None and len(rows) > _IN_FLIGHT:  # Waits only on an older batch.
+      jax.block_until_ready(rows[-1 - _IN_FLIGHT]['features'])
+      progress.update(len(rows) - _IN_FLIGHT)
   local = [jax.tree.map(lambda x: np.asarray(multihost_utils.global_array_to_host_local_array(
       x, mesh, P(mesh_lib.DATA_AXIS))), row) for row in rows]
+  if progress is not None:
+    progress.update(len(rows))
+    progress.close()
   return mesh_lib.to_global(jax.tree.map(lambda *xs: np.concatenate(xs), *local), mesh)
+
+
+def extraction_progress(split: data.Split, batch_size: int) -> console.ProgressLine | None:
+  """A progress line for `extract_features` over the evaluation batches of `split` (process 0;
+  None elsewhere)."""
+  if jax.process_index() != 0:
+    return None
+  return console.ProgressLine(data.eval_steps(split.num_examples, batch_size), unit='batches',
+                              desc=f'features of {split.split!r}')
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'num_classes', 'k', 'temperature'))
@@ -96,11 +117,13 @@ def _knn_counts(variables, bank, batch, *, model, num_classes, k, temperature):
 
 
 def knn_accuracies(encoder: eval_setup.Encoder, bank: data.Split, queries: data.Split, mesh, *,
-                   batch_size: int, k: int, temperature: float) -> dict:
+                   batch_size: int, k: int, temperature: float,
+                   show_progress: bool = False) -> dict:
   """Weighted kNN accuracies of every example of `queries` against the l2-normalised features of
-  `bank` (evaluation views of both)."""
+  `bank` (evaluation views of both); `show_progress`: a progress line of the bank's features."""
   bank_features = extract_features(
-      encoder, data.eval_batches(bank, mesh, batch_size=batch_size), mesh)
+      encoder, data.eval_batches(bank, mesh, batch_size=batch_size), mesh,
+      extraction_progress(bank, batch_size) if show_progress else None)
   bank_features['features'] = jax.jit(knn.l2_normalize)(bank_features['features'])
   total = None
   for batch in data.eval_batches(queries, mesh, batch_size=batch_size):
@@ -114,7 +137,7 @@ def run_knn(evaluation: eval_setup.Evaluation, encoder: eval_setup.Encoder, mesh
   cfg, task = evaluation.config.knn, evaluation.task
   return {**knn_accuracies(encoder, task.train, task.test, mesh,
                            batch_size=evaluation.config.batch_size, k=cfg.k,
-                           temperature=cfg.temperature),
+                           temperature=cfg.temperature, show_progress=True),
           'k': cfg.k, 'temperature': cfg.temperature}
 
 
@@ -123,8 +146,9 @@ def run_linear_features(evaluation: eval_setup.Evaluation, encoder: eval_setup.E
   """Logistic regression on standardised features; L2 strength chosen on held-out train rows."""
   config, task = evaluation.config, evaluation.task
   cfg = config.linear_features
-  train, test = (extract_features(encoder, data.eval_batches(
-      split, mesh, batch_size=config.batch_size), mesh) for split in (task.train, task.test))
+  train, test = (extract_features(
+      encoder, data.eval_batches(split, mesh, batch_size=config.batch_size), mesh,
+      extraction_progress(split, config.batch_size)) for split in (task.train, task.test))
   weights = train['mask'].astype(jnp.float32)
   train_x, test_x = jax.jit(logistic_regression.standardize)(train['features'], weights,
                                                               test['features'])
