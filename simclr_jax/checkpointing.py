@@ -39,6 +39,21 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir if '://' in workdir else os.path.abspath(workdir), 'checkpoints')
 
 
+def check_workdir(workdir: str) -> None:
+  """Raises UserError unless `workdir` is, or can be made, a writable directory (URLs pass)."""
+  if '://' in workdir:
+    return
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise errors.UserError(f'--workdir={workdir}: {existing} is a file, not a directory; '
+                           'give a directory.')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise errors.UserError(f'--workdir={workdir}: {existing} is not writable; give a directory '
+                           'you can write.')
+
+
 def run_metadata(config: ml_collections.ConfigDict, num_classes: int) -> dict:
   """What a pretraining checkpoint holds, and the config that trained it."""
   return {'model': config.model.to_dict(), 'image_size': config.data.image_size,

@@ -1,7 +1,8 @@
 """What the entry points print: our log lines, a progress line, one-line errors.
 
 `quiet_third_party_logs(verbose=False)` keeps INFO and above of this project (as plain lines) and
-ERROR and above of everyone else. JAX and TensorFlow log through their own loggers, but TFDS and
+ERROR and above of everyone else; `details()` logs what a progress line already shows, for
+`log_file` and `--verbose` only. JAX and TensorFlow log through their own loggers, but TFDS and
 Orbax log through absl's logger like this project, so the filter looks at the logger's name and,
 for absl's shared logger, at the file that logged: a record is third-party when its file lies in
 the Python installation (site-packages, the standard library) and outside `simclr_jax`. Python
@@ -10,6 +11,7 @@ cut at their source by TF_CPP_MIN_LOG_LEVEL, which takes effect only when set be
 or JAX first log; `log_file` therefore records only Python-side logs.
 """
 
+import contextlib
 import logging
 import os
 import shutil
@@ -28,6 +30,7 @@ _LIBRARY_DIRS = tuple({
                  *site.getsitepackages(), site.getusersitepackages()]
     for variant in (path, os.path.realpath(path))})
 _OUR_LOGGERS = ('simclr_jax', '__main__')
+_DETAILS_LOGGER = 'simclr_jax.details'
 _SHARED_LOGGERS = ('absl', 'root')
 _QUIET_ENVIRONMENT = {
     'TF_CPP_MIN_LOG_LEVEL': '2',  # TF and XLA C++ INFO/WARNING: CPU-feature banner, GCS auth.
@@ -63,6 +66,27 @@ def quiet_third_party_logs(verbose: bool) -> None:
     tfds.display_progress_bar(verbose)
 
 
+def import_tensorflow():
+  """`import tensorflow`, its native start-up lines hidden unless the console is verbose."""
+  quiet = _quiet_filter in absl_logging.get_absl_handler().filters
+  with _native_stderr_hidden() if quiet else contextlib.nullcontext():
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf
+
+
+@contextlib.contextmanager
+def _native_stderr_hidden():
+  sys.stderr.flush()
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, 'w') as devnull:
+      os.dup2(devnull.fileno(), 2)
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
 def log_file(path: str) -> logging.Handler:
   """Also writes the full Python log (third-party INFO included, absl's prefixes) to `path`."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -79,6 +103,13 @@ def fail(program: str, message: str):
   sys.exit(2)
 
 
+def details() -> logging.Logger:
+  """A logger for the log file and verbose consoles only (quiet consoles show a progress line)."""
+  logger = logging.getLogger(_DETAILS_LOGGER)
+  logger.setLevel(logging.INFO)
+  return logger
+
+
 def _log_from_info():
   if absl_logging.get_verbosity() < absl_logging.INFO:
     absl_logging.set_verbosity(absl_logging.INFO)
@@ -92,6 +123,8 @@ def _is_ours(record: logging.LogRecord) -> bool:
 
 
 def _quiet_filter(record: logging.LogRecord) -> bool:
+  if record.name == _DETAILS_LOGGER:
+    return False
   return record.levelno >= logging.ERROR or _is_ours(record)
 
 

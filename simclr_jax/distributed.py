@@ -13,6 +13,7 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
+from simclr_jax import console
 from simclr_jax import errors
 
 _T = TypeVar('_T')
@@ -33,9 +34,10 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
   elif multihost or os.environ.get('SIMCLR_MULTIHOST') == '1':
     jax.distributed.initialize()
   exit_at_once_on_uncaught_exception()
-  logging.info('process %d of %d; %d local / %d global devices (%s)', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
+  log = logging.info if jax.process_count() > 1 else console.details().info  # Else in the header.
+  log('process %d of %d; %d local / %d global devices (%s)', jax.process_index(),
+      jax.process_count(), jax.local_device_count(), jax.device_count(),
+      jax.devices()[0].platform)
 
 
 def exit_at_once_on_uncaught_exception() -> None:

@@ -55,6 +55,33 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   return results
 
 
+def plan(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+         mesh: jax.sharding.Mesh | None = None) -> str:
+  """What `evaluate` would do, after the same checks, in four lines; writes and compiles nothing."""
+  evaluation = eval_setup.prepare(config, workdir, step, mesh or mesh_lib.create_mesh())
+  task, saved = evaluation.task, evaluation.saved
+  if saved is not None:
+    saved.checkpointer.close()
+  model = evaluation.run_config.model
+  if config.features == 'pixels':
+    encoder = 'raw pixels'
+  else:
+    source = 'random init' if saved is None else f'step {saved.step:,} of {workdir}'
+    encoder = f'ResNet-{model.depth} x{model.width_multiplier}, {source}'
+  protocol = config.protocol
+  if protocol in eval_setup.TRAINED_PROTOCOLS:
+    steps = protocols.classifier_steps(config, task.num_train_examples)
+    protocol += (f': {config[protocol].num_epochs} epochs = {steps:,} steps of batch '
+                 f'{config.batch_size}')
+  return '\n'.join([
+      f'protocol {protocol}',
+      f'encoder  {encoder}',
+      f'data     {task.test.config.dataset}: {task.num_train_examples:,} labelled examples of '
+      f'{task.train.split!r} ({task.label_subset}), {task.test.num_examples:,} of '
+      f'{task.test.split!r}; {task.num_classes} classes, views {evaluation.image_size}',
+      f'result   {os.path.join(workdir, "eval", evaluation.name + ".json")}'])
+
+
 def write_results(eval_dir: str, results: dict) -> None:
   """eval/<name>.json, a line in eval/results.jsonl, TensorBoard scalars; one console line."""
   name = results['name']

@@ -9,6 +9,14 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from simclr_jax import console
+
+# Metrics on the progress line: (record key, shown name, format).
+_SHOWN = (('epoch', 'epoch', '{:.2f}'), ('loss', 'loss', '{:.4g}'),
+          ('contrastive_acc', 'acc', '{:.1%}'), ('accuracy', 'acc', '{:.1%}'),
+          ('probe_acc', 'probe', '{:.1%}'), ('knn_top1', 'knn', '{:.1%}'),
+          ('images_per_sec', 'img/s', '{:.0f}'))
+
 
 def _to_python(value):
   value = np.asarray(value)
@@ -94,8 +102,41 @@ class Progress:
 
 
 def log_progress(step: int, total_steps: int, record: dict) -> None:
+  """The whole record, for the log file (and --verbose consoles)."""
   eta = int(record.get('eta_seconds', 0))
   shown = ', '.join(f'{k}={v:.4g}' for k, v in record.items()
                     if isinstance(v, float) and k not in ('eta_seconds', 'steps_per_sec'))
-  logging.info('step %d/%d  %s  ETA %dh%02dm%02ds', step, total_steps, shown,
-               eta // 3600, eta % 3600 // 60, eta % 60)
+  console.details().info('step %d/%d  %s  ETA %dh%02dm%02ds', step, total_steps, shown,
+                         eta // 3600, eta % 3600 // 60, eta % 60)
+
+
+class TrainingLog:
+  """The `on_log` of train_loop.run: metrics.jsonl and TensorBoard in `workdir`, the record in
+  the log file, and on process 0 a progress line (one line per logged step off a terminal)."""
+
+  def __init__(self, workdir: str, *, first_step: int, total_steps: int, batch_size: int,
+               steps_per_epoch: int, desc: str, truncate: bool = False):
+    # truncate: first drop the rows of steps after first_step, which a run interrupted after its
+    # last checkpoint logged (see MetricWriter).
+    self._writer = MetricWriter(workdir, after_step=first_step if truncate else None)
+    self._progress = Progress(first_step, total_steps, batch_size)
+    self._total_steps = total_steps
+    self._steps_per_epoch = steps_per_epoch
+    self._line = None
+    if jax.process_index() == 0:
+      self._line = console.ProgressLine(total_steps, unit='steps', desc=desc, interval_s=0)
+
+  def __call__(self, step: int, record: dict) -> None:
+    record.update(self._progress.update(step), epoch=step / self._steps_per_epoch)
+    self._writer.write(step, record)
+    log_progress(step, self._total_steps, record)
+    if self._line:
+      self._line.update(step, **{name: form.format(record[key])
+                                 for key, name, form in _SHOWN if key in record})
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    if self._line:
+      self._line.close()

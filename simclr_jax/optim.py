@@ -43,18 +43,20 @@ def lars(learning_rate, weight_decay, momentum=0.9, trust_coefficient=1e-3):
                     trust_ratio_mask=trust_ratio_mask, momentum=momentum, nesterov=False)
 
 
+def peak_learning_rate(base_learning_rate, batch_size, scaling='linear') -> float:
+  """base * batch_size / 256 ('linear') or base * sqrt(batch_size) ('sqrt')."""
+  if scaling == 'linear':
+    return base_learning_rate * batch_size / 256
+  if scaling == 'sqrt':
+    return base_learning_rate * math.sqrt(batch_size)
+  raise UserError(f"Unknown learning_rate_scaling {scaling!r}; use 'linear' or 'sqrt'.")
+
+
 def learning_rate_schedule(base_learning_rate, batch_size, num_train_steps, warmup_steps,
                            scaling='linear'):
-  """Linear warmup from 0 to the scaled peak, then cosine decay to 0 at num_train_steps.
-
-  peak = base * batch_size / 256 ('linear') or base * sqrt(batch_size) ('sqrt').
-  """
-  if scaling == 'linear':
-    peak = base_learning_rate * batch_size / 256
-  elif scaling == 'sqrt':
-    peak = base_learning_rate * math.sqrt(batch_size)
-  else:
-    raise UserError(f"Unknown learning_rate_scaling {scaling!r}; use 'linear' or 'sqrt'.")
+  """Linear warmup from 0 to the scaled peak (`peak_learning_rate`), then cosine decay to 0 at
+  num_train_steps."""
+  peak = peak_learning_rate(base_learning_rate, batch_size, scaling)
   if warmup_steps < 0 or num_train_steps < 1:
     raise UserError(f'Need warmup_steps >= 0 and num_train_steps >= 1, got {warmup_steps} and '
                     f'{num_train_steps}; set warmup_epochs >= 0 and a run of at least one step.')

@@ -97,8 +97,10 @@ class Setup:
 
 
 def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  """Raises UserError for a batch size or step cadence pretraining cannot run with."""
+  """Raises UserError for a batch size, temperature or step cadence pretraining cannot run with."""
   mesh_lib.check_global_batch_size(config.batch_size, mesh)
+  if not config.temperature > 0:
+    raise errors.UserError(f'temperature must be positive, got {config.temperature}.')
   for name, least in (('log_every_steps', 1), ('checkpoint_every_steps', 0),
                       ('keep_checkpoints', 1), ('eval_every_steps', 0)):
     if config[name] < least:
@@ -174,6 +176,79 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
+def describe(setup: Setup, workdir: str, latest_step: int | None) -> str:
+  """The run in five lines: data, steps, learning rate, model, workdir (a run's header and the
+  plan of --dry_run). Traces the model's initialisation; compiles nothing."""
+  config, split = setup.config, setup.split
+  height, width, channels = split.image_shape
+  images = f'{height}x{width}x{channels}' if height else f'{channels}-channel images of any size'
+  classes = f'{split.num_classes} classes' if split.num_classes else 'no labels'
+  devices = setup.mesh.devices.flatten()
+  warmup = data.warmup_steps(split.num_examples, config.batch_size, config.warmup_epochs)
+  peak = optim.peak_learning_rate(config.learning_rate, config.batch_size,
+                                  config.learning_rate_scaling)
+  schedule = (f'warmup over {warmup:,} steps to {peak:.4g}, cosine to 0 at step '
+              f'{setup.total_steps:,}' if warmup < setup.total_steps else
+              f'warmup over {warmup:,} steps to {peak:.4g}, ending inside it')
+  params = jax.eval_shape(setup.create_state, jax.random.key(config.seed)).params
+  counts = ', '.join(f'{name} {sum(x.size for x in jax.tree.leaves(tree)):,}'
+                     for name, tree in params.items())
+  if latest_step is None:
+    state = 'fresh run'
+  elif latest_step >= setup.total_steps:
+    state = f'complete (step {latest_step:,}): nothing to do'
+  else:
+    state = f'resumes from step {latest_step:,}'
+  model = config.model
+  return '\n'.join([
+      f'data     {config.data.dataset} {split.split!r}: {split.num_examples:,} examples '
+      f'({images}, {classes}), views {config.data.image_size}x{config.data.image_size}',
+      f'steps    {setup.total_steps:,} = {setup.total_steps / setup.steps_per_epoch:.3g} epochs '
+      f'of {setup.steps_per_epoch:,} steps; global batch {config.batch_size} on {len(devices)} '
+      f'{devices[0].platform} device(s), {jax.process_count()} process(es)',
+      f'lr       {config.learning_rate} x {config.learning_rate_scaling} batch scaling: '
+      f'{schedule}',
+      f'model    ResNet-{model.depth} x{model.width_multiplier} {model.dtype}: {counts} '
+      'parameters',
+      f'workdir  {workdir}: {state}'])
+
+
+def _check(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> None:
+  """The checks that need neither the data nor the checkpoints (before the lock and the data)."""
+  check_config(config, mesh)
+  checkpointing.check_workdir(workdir)
+
+
+def _open(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, *,
+          create: bool, allow_config_change: bool = False
+          ) -> tuple[Setup, checkpointing.Checkpointer, int | None, list[str]]:
+  """Checks and opens what a run needs: the setup, the checkpointer, the newest intact step (None
+  in a new workdir) and the training-config changes since that step's checkpoint."""
+  distributed.process_0_first(data.prepare, config.data)
+  setup = build(config, data.open_split(config.data, config.data.train_split), mesh)
+  checkpointer = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
+                                            create=create)
+  latest = checkpointer.require_intact_step('move them away to start afresh')
+  changes = []
+  if latest is not None:
+    if latest != checkpointer.all_steps()[-1]:
+      logging.warning('Resuming from step %d, the newest intact checkpoint.', latest)
+    changes = checkpointing.check_resumable(
+        checkpointer.restore_meta(latest), checkpointing.run_metadata(config, setup.num_classes),
+        latest, workdir, allow_config_change)
+  return setup, checkpointer, latest, changes
+
+
+def plan(config: ml_collections.ConfigDict, workdir: str,
+         mesh: jax.sharding.Mesh | None = None) -> str:
+  """`describe` of the run `run` would do, after the same checks; writes and compiles nothing."""
+  mesh = mesh or mesh_lib.create_mesh()
+  _check(config, workdir, mesh)
+  setup, checkpointer, latest, _ = _open(config, workdir, mesh, create=False)
+  checkpointer.close()
+  return describe(setup, workdir, latest)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str,
         mesh: jax.sharding.Mesh | None = None, allow_config_change: bool = False) -> dict:
   """Pretrains (or resumes) in `workdir` on `mesh` (all devices by default).
@@ -182,17 +257,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   last logged metrics; raises SystemExit(128 + signal) after the checkpoint of a signalled stop.
   """
   mesh = mesh or mesh_lib.create_mesh()
-  check_config(config, mesh)  # Before preparing the data, which may take long.
+  _check(config, workdir, mesh)
   with workdir_lock.hold(workdir):
     return _run(config, workdir, mesh, allow_config_change)
-
-
-def _resume_step(checkpointer: checkpointing.Checkpointer) -> int | None:
-  """The newest intact step (None in a new workdir); UserError when no step is intact."""
-  latest = checkpointer.require_intact_step('move them away to start afresh')
-  if latest is not None and latest != checkpointer.all_steps()[-1]:
-    logging.warning('Resuming from step %d, the newest intact checkpoint.', latest)
-  return latest
 
 
 def _record_config(config: ml_collections.ConfigDict, workdir: str, step: int | None,
@@ -212,39 +279,23 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str, step: int | 
 
 def _run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
          allow_config_change: bool) -> dict:
-  distributed.process_0_first(data.prepare, config.data)
-  setup = build(config, data.open_split(config.data, config.data.train_split), mesh)
+  setup, checkpointer, latest, changes = _open(config, workdir, mesh, create=True,
+                                               allow_config_change=allow_config_change)
   meta = checkpointing.run_metadata(config, setup.num_classes)
-  checkpointer = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
-  latest = _resume_step(checkpointer)
-  changes = []
-  if latest is not None:
-    changes = checkpointing.check_resumable(checkpointer.restore_meta(latest), meta, latest,
-                                            workdir, allow_config_change)
-    for step in checkpointer.all_steps():
-      if step > latest:  # Damaged: out of the way, so this run can save the step anew.
-        checkpointer.set_aside(step)
+  for step in checkpointer.all_steps():
+    if latest is not None and step > latest:  # Damaged: set aside, so it can be saved anew.
+      checkpointer.set_aside(step)
   _record_config(config, workdir, latest, changes)
+  logging.info('%s', describe(setup, workdir, latest))
 
   with jax.set_mesh(mesh):
     if latest is None:
       state = setup.create_state(jax.random.key(config.seed))
     else:
       state = checkpointer.restore(latest, setup.abstract_state())
-      logging.info('Resumed from %s at step %d.', checkpointer.directory, latest)
     start_step = int(jax.device_get(state.step))
     batches = data.pretrain_batches(setup.split, mesh, seed=config.seed,
                                     batch_size=config.batch_size, start_step=start_step)
-    writer = metrics_writer.MetricWriter(workdir, after_step=start_step)
-    progress = metrics_writer.Progress(start_step, setup.total_steps, config.batch_size)
-    logging.info('Training steps %d..%d (%d per epoch), global batch %d on %d devices.',
-                 start_step, setup.total_steps, setup.steps_per_epoch, config.batch_size,
-                 mesh.devices.size)
-
-    def log(step, record):
-      record.update(progress.update(step), epoch=step / setup.steps_per_epoch)
-      writer.write(step, record)
-      metrics_writer.log_progress(step, setup.total_steps, record)
 
     def save(step, state):
       if not all_finite(state.params):
@@ -258,10 +309,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mes
               f'{checkpointer.latest_intact_step(quiet=True)} in {checkpointer.directory}.')
 
     knn = monitor.knn_monitor(config, setup.model, mesh)
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, metrics_writer.TrainingLog(
+        workdir, first_step=start_step, total_steps=setup.total_steps,
+        batch_size=config.batch_size, steps_per_epoch=setup.steps_per_epoch,
+        desc='pretrain', truncate=True) as training_log:
       result = train_loop.run(
           state, setup.step_fn, batches, first_step=start_step + 1,
-          last_step=setup.total_steps, log_every_steps=config.log_every_steps, on_log=log,
+          last_step=setup.total_steps, log_every_steps=config.log_every_steps, on_log=training_log,
           non_finite_message=non_finite_message, evaluations=(knn,) if knn else (),
           actions=(train_loop.Periodic(config.checkpoint_every_steps, save),),
           should_stop=lambda step: stop.requested or checkpointer.reached_preemption(step))
@@ -271,4 +325,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mes
   checkpointer.close()
   if stop.signal is not None:
     raise SystemExit(128 + stop.signal)
+  if result.stopped_at is None and start_step < setup.total_steps:
+    logging.info('Done: %d steps; checkpoints in %s', setup.total_steps, checkpointer.directory)
   return result.record

@@ -14,6 +14,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
+from simclr_jax import console
 from simclr_jax import data
 from simclr_jax import eval_setup
 from simclr_jax import knn
@@ -76,15 +77,35 @@ def features(variables: dict, images: jax.Array, model: models.SimCLRModel | Non
       model.apply(variables, images, train=False, method=models.SimCLRModel.encode))
 
 
-def extract_features(encoder: eval_setup.Encoder, batches, mesh: jax.sharding.Mesh) -> dict:
-  """{'features', 'label', 'mask'} of all `batches`, as global arrays sharded over the mesh."""
+_IN_FLIGHT = 2  # Batches of `extract_features` left running while its progress is counted.
+
+
+def extract_features(encoder: eval_setup.Encoder, batches, mesh: jax.sharding.Mesh,
+                     progress: console.ProgressLine | None = None) -> dict:
+  """{'features', 'label', 'mask'} of all `batches`, as global arrays sharded over the mesh;
+  `progress` counts the batches whose features are computed, then is closed."""
   rows = []
   for batch in batches:  # Dispatch is asynchronous: the host prepares the next batch meanwhile.
     rows.append({'features': features(encoder.variables, batch['image'], encoder.model),
                  'label': batch['label'], 'mask': batch['mask']})
+    if progress is not None and len(rows) > _IN_FLIGHT:  # Waits only on an older batch.
+      jax.block_until_ready(rows[-1 - _IN_FLIGHT]['features'])
+      progress.update(len(rows) - _IN_FLIGHT)
   local = [jax.tree.map(lambda x: np.asarray(multihost_utils.global_array_to_host_local_array(
       x, mesh, P(mesh_lib.DATA_AXIS))), row) for row in rows]
+  if progress is not None:
+    progress.update(len(rows))
+    progress.close()
   return mesh_lib.to_global(jax.tree.map(lambda *xs: np.concatenate(xs), *local), mesh)
+
+
+def extraction_progress(split: data.Split, batch_size: int) -> console.ProgressLine | None:
+  """A progress line for `extract_features` over the evaluation batches of `split` (process 0;
+  None elsewhere)."""
+  if jax.process_index() != 0:
+    return None
+  return console.ProgressLine(data.eval_steps(split.num_examples, batch_size), unit='batches',
+                              desc=f'features of {split.split!r}')
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'num_classes', 'k', 'temperature'))
@@ -96,11 +117,13 @@ def _knn_counts(variables, bank, batch, *, model, num_classes, k, temperature):
 
 
 def knn_accuracies(encoder: eval_setup.Encoder, bank: data.Split, queries: data.Split, mesh, *,
-                   batch_size: int, k: int, temperature: float) -> dict:
+                   batch_size: int, k: int, temperature: float,
+                   show_progress: bool = False) -> dict:
   """Weighted kNN accuracies of every example of `queries` against the l2-normalised features of
-  `bank` (evaluation views of both)."""
+  `bank` (evaluation views of both); `show_progress`: a progress line of the bank's features."""
   bank_features = extract_features(
-      encoder, data.eval_batches(bank, mesh, batch_size=batch_size), mesh)
+      encoder, data.eval_batches(bank, mesh, batch_size=batch_size), mesh,
+      extraction_progress(bank, batch_size) if show_progress else None)
   bank_features['features'] = jax.jit(knn.l2_normalize)(bank_features['features'])
   total = None
   for batch in data.eval_batches(queries, mesh, batch_size=batch_size):
@@ -114,7 +137,7 @@ def run_knn(evaluation: eval_setup.Evaluation, encoder: eval_setup.Encoder, mesh
   cfg, task = evaluation.config.knn, evaluation.task
   return {**knn_accuracies(encoder, task.train, task.test, mesh,
                            batch_size=evaluation.config.batch_size, k=cfg.k,
-                           temperature=cfg.temperature),
+                           temperature=cfg.temperature, show_progress=True),
           'k': cfg.k, 'temperature': cfg.temperature}
 
 
@@ -123,8 +146,9 @@ def run_linear_features(evaluation: eval_setup.Evaluation, encoder: eval_setup.E
   """Logistic regression on standardised features; L2 strength chosen on held-out train rows."""
   config, task = evaluation.config, evaluation.task
   cfg = config.linear_features
-  train, test = (extract_features(encoder, data.eval_batches(
-      split, mesh, batch_size=config.batch_size), mesh) for split in (task.train, task.test))
+  train, test = (extract_features(
+      encoder, data.eval_batches(split, mesh, batch_size=config.batch_size), mesh,
+      extraction_progress(split, config.batch_size)) for split in (task.train, task.test))
   weights = train['mask'].astype(jnp.float32)
   train_x, test_x = jax.jit(logistic_regression.standardize)(train['features'], weights,
                                                               test['features'])
@@ -219,6 +243,12 @@ def _num_features(config, encoder: eval_setup.Encoder, image_size: int) -> int:
   return features.shape[-1]
 
 
+def classifier_steps(config, num_train_examples: int) -> int:
+  """Steps of config.protocol's classifier training: its num_epochs of config.batch_size."""
+  steps_per_epoch = data.steps_per_epoch(num_train_examples, config.batch_size)
+  return max(int(round(config[config.protocol].num_epochs * steps_per_epoch)), 1)
+
+
 def train_classifier(evaluation: eval_setup.Evaluation, encoder: eval_setup.Encoder, mesh,
                      log_dir: str):
   """linear or finetune: trains a zero-initialised linear classifier named 'probe' (and, for
@@ -230,7 +260,7 @@ def train_classifier(evaluation: eval_setup.Evaluation, encoder: eval_setup.Enco
   config, task = evaluation.config, evaluation.task
   cfg = config[config.protocol]
   steps_per_epoch = data.steps_per_epoch(task.num_train_examples, config.batch_size)
-  total_steps = max(int(round(cfg.num_epochs * steps_per_epoch)), 1)
+  total_steps = classifier_steps(config, task.num_train_examples)
   logits_fn, frozen, trunk = _classifier_parts(config, encoder)
   tx, schedule = create_optimizer(cfg, config.batch_size, total_steps,
                                   trunk.get('batch_stats', {}))
@@ -250,24 +280,19 @@ def train_classifier(evaluation: eval_setup.Evaluation, encoder: eval_setup.Enco
       functools.partial(classifier_train_step, logits_fn=logits_fn, tx=tx, schedule=schedule),
       in_shardings=(replicated, replicated, mesh_lib.batch_sharded(mesh)),
       out_shardings=(replicated, replicated), donate_argnums=(0,))
-  writer = metrics_writer.MetricWriter(log_dir)
-  progress = metrics_writer.Progress(0, total_steps, config.batch_size)
   batches = data.classifier_batches(task.train, mesh, seed=config.seed,
                                     batch_size=config.batch_size, example_ids=task.train_ids)
   logging.info('Training the %s classifier: %d steps (%d per epoch) of batch %d.',
                config.protocol, total_steps, steps_per_epoch, config.batch_size)
-
-  def log(step, record):
-    record.update(progress.update(step), epoch=step / steps_per_epoch)
-    writer.write(step, record)
-    metrics_writer.log_progress(step, total_steps, record)
-
-  result = train_loop.run(
-      state, lambda state, batch: step_fn(state, frozen, batch), batches, first_step=1,
-      last_step=total_steps, log_every_steps=config.log_every_steps, on_log=log,
-      non_finite_message=lambda step, loss: (
-          f'The {config.protocol} loss is {loss} at step {step}; lower '
-          f'--config.{config.protocol}.learning_rate.'))
+  with metrics_writer.TrainingLog(log_dir, first_step=0, total_steps=total_steps,
+                                  batch_size=config.batch_size, steps_per_epoch=steps_per_epoch,
+                                  desc=config.protocol) as training_log:
+    result = train_loop.run(
+        state, lambda state, batch: step_fn(state, frozen, batch), batches, first_step=1,
+        last_step=total_steps, log_every_steps=config.log_every_steps, on_log=training_log,
+        non_finite_message=lambda step, loss: (
+            f'The {config.protocol} loss is {loss} at step {step}; lower '
+            f'--config.{config.protocol}.learning_rate.'))
   return result.state, frozen, logits_fn
 
 

@@ -43,6 +43,14 @@ def store_tiny_dataset(data_dir, num_train=96, num_test=32, seed=0, name=TINY_DA
   return data_dir
 
 
+def assert_frequency(events, probability):
+  """Asserts that the frequency of the boolean `events` is within 4 binomial sigma of
+  `probability` (a false failure once in ~16,000 seeds)."""
+  events = np.asarray(events)
+  sigma = np.sqrt(probability * (1 - probability) / events.size)
+  assert abs(events.mean() - probability) < 4 * sigma, (events.mean(), probability, sigma)
+
+
 @contextlib.contextmanager
 def count_compilations():
   """Yields a list that collects one entry per XLA compilation made inside the block."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import tiny_pretrain_config
+from conftest import assert_frequency, tiny_pretrain_config
 from simclr_jax import augment
 from simclr_jax import augment_device
 from simclr_jax import augment_params
@@ -110,12 +110,13 @@ def test_sample_jitter_orders_and_ranges(brightness, strength, brightness_range)
 def test_color_distortion_frequencies():
   image = _image()
   out = _draws(lambda x, key: augment_device.color_distortion(x, key, strength=0.5), image)
-  gray = np.all(out == out[..., :1], axis=(1, 2, 3))
-  # Without jitter the output is the input, or exactly its grayscale.
+  gray = np.all(np.abs(out - out[..., :1]) < 1e-6, axis=(1, 2, 3))
+  # Without jitter the output is the input or its grayscale, up to rounding, which differs
+  # between jitted and eager code and between CPUs; any jitter moves some pixel far more.
   unjittered = np.where(gray[:, None, None, None], augment_device.to_grayscale(image), image)
-  jittered = np.any(np.abs(out - unjittered) > 1e-6, axis=(1, 2, 3))  # Grayscale: other rounding.
-  assert abs(gray.mean() - augment_params.GRAYSCALE_PROBABILITY) < 0.06
-  assert abs(jittered.mean() - augment_params.JITTER_PROBABILITY) < 0.06
+  jittered = np.any(np.abs(out - unjittered) > 1e-4, axis=(1, 2, 3))
+  assert_frequency(gray, augment_params.GRAYSCALE_PROBABILITY)
+  assert_frequency(jittered, augment_params.JITTER_PROBABILITY)
   assert 0.0 <= out.min() and out.max() <= 1.0
 
 
@@ -124,7 +125,7 @@ def test_blur_frequency_radius_and_sigma_range():
   impulse[20, 20] = 1.0
   out = _draws(lambda x, key: augment_device.random_blur(x, key, probability=0.3), impulse)
   blurred = np.any(out != impulse, axis=(1, 2, 3))  # Even sigma 0.1 leaks ~1e-22 into neighbours.
-  assert abs(blurred.mean() - 0.3) < 0.06
+  assert_frequency(blurred, 0.3)
   support = np.any(out[blurred] > 0, axis=(0, 3))
   assert support.sum(0).max() == support.sum(1).max() == 5
   centres = out[blurred, 20, 20, 0]
@@ -278,7 +279,7 @@ def test_flips_are_mirror_images_half_the_time():
   out = _draws(augment_device.random_flip, image)
   flipped = np.all(out == image[:, ::-1], axis=(1, 2, 3))
   assert np.all(flipped | np.all(out == image, axis=(1, 2, 3)))
-  assert abs(flipped.mean() - 0.5) < 4 * np.sqrt(0.25 / NUM_DRAWS)
+  assert_frequency(flipped, 0.5)
 
 
 def _random_view(image, key, **kwargs):

@@ -1,6 +1,7 @@
 """Tests of the console layer (simclr_jax/console.py)."""
 
 import io
+import json
 import os
 import re
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 from simclr_jax import console
+from simclr_jax import metrics_writer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABSL_PREFIX = re.compile(r'[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ')
@@ -115,18 +117,21 @@ from simclr_jax import console
 
 def main(argv):
   console.quiet_third_party_logs(verbose=argv[1] == 'verbose')
+  print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'))  # TensorFlow's import sets it.
   console.log_file(argv[2])
+  console.import_tensorflow()  # Its native banner ignores TF_CPP_MIN_LOG_LEVEL.
   from tensorflow_datasets.core.utils import py_utils  # Logs through absl's shared logger.
   absl_logging.info('ours: info')
+  console.details().info('details: info')
   py_utils.print_notebook('tfds: info')
   logging.getLogger('jax._src.xla_bridge').warning('jax: warning')
   logging.getLogger('orbax.checkpoint').error('orbax: error')
   warnings.warn('python: warning')
-  print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'))
 
 app.run(main)
 '''
-_MESSAGES = ('ours: info', 'tfds: info', 'jax: warning', 'orbax: error', 'python: warning')
+_MESSAGES = ('ours: info', 'details: info', 'tfds: info', 'jax: warning', 'orbax: error',
+             'python: warning')
 
 
 @pytest.mark.parametrize('verbose', [False, True])
@@ -143,7 +148,22 @@ def test_third_party_logs(tmp_path, verbose):
       assert any(ABSL_PREFIX.match(line) and message in line for line in lines), message
   else:
     assert result.stdout == '2\n'
-    assert lines == ['ours: info', 'ERROR: orbax: error']
+    assert lines == ['ours: info', 'ERROR: orbax: error']  # No TensorFlow banner either.
   logged = log.read_text()  # Everything, with absl's prefixes, whatever the console shows.
   for message in _MESSAGES:
     assert any(ABSL_PREFIX.match(line) and message in line for line in logged.splitlines())
+
+
+def test_training_log_writes_the_records_and_a_plain_line_per_logged_step(tmp_path, capsys):
+  with metrics_writer.TrainingLog(str(tmp_path), first_step=0, total_steps=40, batch_size=8,
+                                  steps_per_epoch=10, desc='pretrain') as training_log:
+    for step, loss in ((20, 5.25), (40, 4.5)):
+      training_log(step, {'loss': loss, 'contrastive_acc': 0.25, 'learning_rate': 0.1})
+  lines = capsys.readouterr().err.splitlines()  # Not a terminal: one line per call.
+  assert len(lines) == 2
+  assert lines[0].startswith('pretrain 20/40 steps  50%  epoch 2.00  loss 5.25  acc 25.0%  img/s')
+  assert lines[1].startswith('pretrain 40/40 steps  100%  ')
+  assert '  epoch 4.00  loss 4.5  acc 25.0%  img/s' in lines[1]
+  with open(tmp_path / 'metrics.jsonl') as f:
+    records = [json.loads(line) for line in f]
+  assert [(r['step'], r['epoch'], r['loss']) for r in records] == [(20, 2.0, 5.25), (40, 4.0, 4.5)]

@@ -1,6 +1,7 @@
 """Evaluation: checkpoint restore, kNN, logistic regression, top-k, label fractions, the online
 probe's gradients, bad input, and every protocol end to end on the tiny dataset."""
 
+import io
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import tensorflow_datasets as tfds
 from configs import eval as eval_config
 from conftest import TINY_IMAGE_SIZE, TINY_NUM_CLASSES, count_compilations, tiny_pretrain_config
 from simclr_jax import checkpointing
+from simclr_jax import console
 from simclr_jax import data
 from simclr_jax import errors
 from simclr_jax import eval_setup
@@ -139,6 +141,18 @@ def test_errors_before_compiling(pretrain_run, unlabelled_data_dir, tmp_path, ca
   with count_compilations() as compilations, pytest.raises(errors.UserError, match=match):
     evaluate.evaluate(config, workdir, step=5 if case == 'bad_step' else None)
   assert compilations == []
+
+
+def test_plan_describes_the_evaluation_without_compiling_or_writing(pretrain_run):
+  workdir = pretrain_run[0]
+  with count_compilations() as compilations:
+    text = evaluate.plan(_eval_config('finetune'), workdir)
+  assert compilations == [] and not os.path.exists(os.path.join(workdir, 'eval'))
+  # Half of the 96 labelled examples (48), 1 epoch of batch 16: 3 steps.
+  assert text.splitlines()[0] == 'protocol finetune: 1 epochs = 3 steps of batch 16'
+  assert f'step {STEP} of {workdir}' in text
+  assert "48 labelled examples of 'train'" in text and "32 of 'test'" in text
+  assert text.endswith(os.path.join(workdir, 'eval', 'finetune_50pct.json'))
 
 
 @pytest.mark.parametrize('overrides, name', [
@@ -351,6 +365,21 @@ def test_linear_protocol_learns_and_leaves_the_encoder_untouched(separable_data_
     for a, b in zip(jax.tree.leaves(jax.device_get(frozen[collection])),
                     jax.tree.leaves(jax.device_get(getattr(saved, collection)))):
       np.testing.assert_array_equal(a, b)
+
+
+def test_extraction_progress_counts_the_batches_done(pretrain_run):
+  mesh = mesh_lib.create_mesh()
+  evaluation = eval_setup.prepare(_eval_config('knn'), pretrain_run[0], None, mesh)
+  stream = io.StringIO()
+  with jax.set_mesh(mesh):
+    encoder = eval_setup.load_encoder(evaluation, mesh)
+    batches = lambda: data.eval_batches(evaluation.task.test, mesh, batch_size=8)
+    plain = jax.device_get(protocols.extract_features(encoder, batches(), mesh))
+    progress = console.ProgressLine(4, unit='batches', stream=stream, interval_s=0)
+    tracked = jax.device_get(protocols.extract_features(encoder, batches(), mesh, progress))
+  # 32 test examples, 4 batches: counted once two later ones run, then all at the end.
+  assert [line.split()[0] for line in stream.getvalue().splitlines()] == ['1/4', '2/4', '4/4']
+  np.testing.assert_allclose(tracked['features'], plain['features'], rtol=1e-6, atol=1e-6)
 
 
 def test_memory_source_gives_the_features_of_the_tfds_source(pretrain_run, tiny_data_dir):

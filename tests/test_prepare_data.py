@@ -310,7 +310,8 @@ def test_prepare_errors(tmp_path):
     prepare_data.prepare('cifar10', data_dir=str(tmp_path))
   with pytest.raises(UserError, match='is not a file'):
     prepare_data.prepare('cifar10', source=str(tmp_path / 'none.tar.gz'), data_dir=str(tmp_path))
-  with pytest.raises(UserError, match="lacks train-images-idx3-ubyte.gz .*Fashion-MNIST's"):
+  with pytest.raises(UserError,
+                     match="lacks train-images-idx3-ubyte.gz .*Fashion-MNIST's four IDX"):
     prepare_data.prepare('fashion_mnist', source=str(tmp_path), data_dir=str(tmp_path))
   with pytest.raises(UserError, match='must be lower case'):
     prepare_data.prepare('My-Images', source=str(tmp_path), data_dir=str(tmp_path))

@@ -114,11 +114,37 @@ def test_unlabelled_dataset_trains_without_the_probe(tmp_path):
     ({'data.image_size': 32}, 'image_size=32 exceeds the 16x16 images'),
     ({'data.train_split': 'validation'}, 'no split'),
     ({'data.dataset': 'no_such_dataset'}, "Unknown dataset 'no_such_dataset'"),
+    ({'temperature': 0.0}, 'temperature must be positive'),
+    ({'model.depth': 19}, 'Unsupported ResNet depth 19'),
 ])
 def test_bad_input_fails_before_compiling(tiny_data_dir, tmp_path, overrides, match):
   with count_compilations() as compilations, pytest.raises(errors.UserError, match=match):
     pretrain.run(tiny_pretrain_config(tiny_data_dir, **overrides), str(tmp_path))
   assert compilations == []
+
+
+def test_workdir_that_is_a_file_is_refused(tiny_data_dir, tmp_path):
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(errors.UserError, match='is a file, not a directory'):
+    pretrain.run(tiny_pretrain_config(tiny_data_dir), str(tmp_path / 'file' / 'run'))
+
+
+def test_plan_describes_the_run_without_compiling_or_writing(uninterrupted, tiny_data_dir,
+                                                              tmp_path):
+  fresh = str(tmp_path / 'fresh')
+  with count_compilations() as compilations:
+    text = pretrain.plan(tiny_pretrain_config(tiny_data_dir), fresh)
+  assert compilations == [] and not os.path.exists(fresh)
+  # 96 examples in batches of 16: 6 steps per epoch; warmup 0.5 epochs = 3 steps; the linear
+  # scaling makes the base rate 1.0 a peak of 16 / 256.
+  assert "tiny_images 'train': 96 examples (16x16x3, 4 classes)" in text
+  assert '4 = 0.667 epochs of 6 steps; global batch 16 on 8 cpu device(s)' in text
+  assert 'warmup over 3 steps to 0.0625, cosine to 0 at step 4' in text
+  assert text.endswith(f'{fresh}: fresh run')
+  done = pretrain.plan(tiny_pretrain_config(tiny_data_dir), uninterrupted)
+  assert done.endswith('complete (step 4): nothing to do')
+  longer = pretrain.plan(tiny_pretrain_config(tiny_data_dir, num_train_steps=6), uninterrupted)
+  assert longer.endswith('resumes from step 4')
 
 
 def test_checkpoint_of_another_model_is_refused(uninterrupted, tiny_data_dir, tmp_path):
