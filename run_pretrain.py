@@ -40,7 +40,8 @@ def main(argv):
     cli.initialize_distributed()
     from simclr_jax import pretrain as pretrain_lib
     if flags.FLAGS.dry_run:
-      print(pretrain_lib.plan(_CONFIG.value, _WORKDIR.value))
+      print(pretrain_lib.plan(_CONFIG.value, _WORKDIR.value,
+                              allow_config_change=_ALLOW_CONFIG_CHANGE.value))
       return
     cli.log_to_file(_WORKDIR.value)
     pretrain_lib.run(_CONFIG.value, _WORKDIR.value,

@@ -240,11 +240,12 @@ def _open(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
 
 
 def plan(config: ml_collections.ConfigDict, workdir: str,
-         mesh: jax.sharding.Mesh | None = None) -> str:
+         mesh: jax.sharding.Mesh | None = None, allow_config_change: bool = False) -> str:
   """`describe` of the run `run` would do, after the same checks; writes and compiles nothing."""
   mesh = mesh or mesh_lib.create_mesh()
   _check(config, workdir, mesh)
-  setup, checkpointer, latest, _ = _open(config, workdir, mesh, create=False)
+  setup, checkpointer, latest, _ = _open(config, workdir, mesh, create=False,
+                                         allow_config_change=allow_config_change)
   checkpointer.close()
   return describe(setup, workdir, latest)
 

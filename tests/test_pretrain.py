@@ -143,8 +143,11 @@ def test_plan_describes_the_run_without_compiling_or_writing(uninterrupted, tiny
   assert text.endswith(f'{fresh}: fresh run')
   done = pretrain.plan(tiny_pretrain_config(tiny_data_dir), uninterrupted)
   assert done.endswith('complete (step 4): nothing to do')
-  longer = pretrain.plan(tiny_pretrain_config(tiny_data_dir, num_train_steps=6), uninterrupted)
-  assert longer.endswith('resumes from step 4')
+  longer = tiny_pretrain_config(tiny_data_dir, num_train_steps=6)
+  with pytest.raises(errors.UserError, match='num_train_steps: checkpoint 4, now 6'):
+    pretrain.plan(longer, uninterrupted)  # As the run itself would.
+  assert pretrain.plan(longer, uninterrupted, allow_config_change=True).endswith(
+      'resumes from step 4')
 
 
 def test_checkpoint_of_another_model_is_refused(uninterrupted, tiny_data_dir, tmp_path):
