@@ -1,7 +1,9 @@
 r"""Evaluates a pretraining run's encoder; --config.protocol picks the protocol.
 
-    python run_eval.py --workdir=runs/default                                  # linear probe
-    python run_eval.py --workdir=runs/default --config.protocol=linear_features
+    python run_eval.py --workdir=runs/default      # linear_features: converged, a minute or two
+    python run_eval.py --workdir=runs/default --config.protocol=linear    # the official protocol
+    python run_eval.py --workdir=runs/default --config.protocol=linear \
+        --config.linear.feature_norm=batchnorm      # MoCo v3 / MAE: BatchNorm before the classifier
     python run_eval.py --workdir=runs/default --config.protocol=knn
     python run_eval.py --workdir=runs/default --config.protocol=finetune \
         --config.finetune.label_fraction=0.1
@@ -9,10 +11,13 @@ r"""Evaluates a pretraining run's encoder; --config.protocol picks the protocol.
     python run_eval.py --workdir=runs/default --config.protocol=knn --config.features=pixels
 
 Protocols:
-  linear           frozen encoder (BatchNorm in inference mode), zero-initialised linear layer on h,
-                   Nesterov momentum 0.9, lr 0.1 x B/256, cosine, no warmup, crop + flip.
-  linear_features  features extracted once (no augmentation), multinomial logistic regression
-                   (L-BFGS), L2 strength chosen on a held-out part of train, then refit on all.
+  linear_features  (the default) features extracted once (no augmentation), multinomial logistic
+                   regression (L-BFGS) to convergence, L2 strength chosen on a held-out part of
+                   train, then refit on all.
+  linear           the official protocol: frozen encoder (BatchNorm in inference mode),
+                   zero-initialised linear layer on h, Nesterov momentum 0.9, lr 0.1 x B/256,
+                   cosine, no warmup, crop + flip; feature_norm='batchnorm' adds a BatchNorm
+                   without scale or offset on h (result name linear_bn...).
   knn              weighted k-NN (k=200, T=0.1) on l2-normalised features of the train split.
   finetune         the whole encoder on a label fraction of train, BN in train mode: the official
                    1%/10% lists for imagenet2012 (TFDS imagenet2012_subset), a class-balanced
@@ -21,7 +26,7 @@ Switches: random_init=True evaluates an untrained encoder of the same architectu
 `seed`); features='pixels' (linear_features, knn) uses the raw pixels instead of an encoder.
 Data settings left as None come from the pretraining run; a different `data.dataset` is a transfer
 evaluation. Results go to WORKDIR/eval/<name>.json with
-<name> = <protocol>[_<p>pct][_on_<dataset>][_random_init|_pixels][_step<N>]: <p>% of the labels
+<name> = <protocol>[_bn][_<p>pct][_on_<dataset>][_random_init|_pixels][_step<N>]: <p>% of the labels
 (linear, finetune), <dataset> when not the run's own, _step<N> when --step is given.
 
 Published recipes (epochs are small here so that the default runs on a CPU):
@@ -42,7 +47,7 @@ from ml_collections import config_dict
 
 def get_config():
   config = ml_collections.ConfigDict()
-  config.protocol = 'linear'       # 'linear', 'linear_features', 'knn' or 'finetune'.
+  config.protocol = 'linear_features'  # 'linear_features', 'linear', 'knn' or 'finetune'.
   config.random_init = False       # Evaluate an untrained encoder instead of the checkpoint.
   config.features = 'encoder'      # 'encoder' or 'pixels' (linear_features and knn only).
 
@@ -67,6 +72,9 @@ def get_config():
   config.linear.learning_rate = 0.1    # x batch_size / 256 ('linear') or x sqrt(batch_size).
   config.linear.learning_rate_scaling = 'linear'
   config.linear.weight_decay = 0.0
+  # 'batchnorm': a BatchNorm without scale or offset between h and the classifier (the MoCo v3 and
+  # MAE linear probes'); 'none': the official protocol.
+  config.linear.feature_norm = 'none'
 
   config.linear_features = ml_collections.ConfigDict()
   config.linear_features.holdout_fraction = 0.1

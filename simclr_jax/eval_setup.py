@@ -27,6 +27,7 @@ PROTOCOLS = ('linear', 'linear_features', 'knn', 'finetune')
 TRAINED_PROTOCOLS = ('linear', 'finetune')  # Train a classifier on (a fraction of) the labels.
 FEATURES = ('encoder', 'pixels')
 OPTIMIZERS = ('momentum', 'lars')
+FEATURE_NORMS = ('none', 'batchnorm')  # Of the linear protocol's features.
 # Official semi-supervised subsets (S4L's lists, as the SimCLR papers use): TFDS datasets.
 OFFICIAL_SUBSETS = {('imagenet2012', 0.01): 'imagenet2012_subset/1pct',
                     ('imagenet2012', 0.1): 'imagenet2012_subset/10pct'}
@@ -93,13 +94,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if cfg.num_epochs <= 0:
       raise errors.UserError(f'{config.protocol}.num_epochs must be positive, got '
                              f'{cfg.num_epochs}.')
+  if config.linear.feature_norm not in FEATURE_NORMS:
+    raise errors.UserError(f'Unknown linear.feature_norm {config.linear.feature_norm!r}; '
+                           f'expected one of {FEATURE_NORMS}.')
 
 
 def result_name(config: ml_collections.ConfigDict, run_dataset: str | None,
                 step: int | None = None) -> str:
-  """protocol[_<p>pct][_on_<dataset>][_random_init|_pixels][_step<N>]: <p>% labels (linear,
-  finetune), <dataset> if not the run's own, <N> for an explicitly requested step."""
+  """protocol[_bn][_<p>pct][_on_<dataset>][_random_init|_pixels][_step<N>]: _bn for the linear
+  classifier on batch-normalised features, <p>% labels (linear, finetune), <dataset> if not the
+  run's own, <N> for an explicitly requested step."""
   name, fraction = config.protocol, label_fraction(config)
+  if config.protocol == 'linear' and config.linear.feature_norm == 'batchnorm':
+    name += '_bn'
   if fraction < 1:
     name += f'_{100 * fraction:g}pct'
   if config.data.dataset and config.data.dataset != run_dataset:

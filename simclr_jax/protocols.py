@@ -175,12 +175,34 @@ def trunk_features(model, variables, images, *, train: bool, proj_layers: int = 
   return features, state['batch_stats']
 
 
-def linear_probe_logits(model):
-  """logits_fn of the linear protocol: frozen encoder, BatchNorm in inference mode."""
+FEATURE_NORM_MOMENTUM = 0.9  # PyTorch's BatchNorm1d default (momentum 0.1 in its convention).
+FEATURE_NORM_EPSILON = 1e-6   # MAE's linear probe.
+
+
+def feature_batchnorm(features: jax.Array, stats: dict, train: bool) -> tuple[jax.Array, dict]:
+  """BatchNorm without scale or offset (the MoCo v3 / MAE linear probe's): batch statistics
+  (biased variance) while training, which also move the running `stats` {'mean', 'var'};
+  the running statistics otherwise."""
+  if train:
+    mean, var = features.mean(0), features.var(0)
+    stats = jax.tree.map(lambda old, new: FEATURE_NORM_MOMENTUM * old
+                         + (1 - FEATURE_NORM_MOMENTUM) * new, stats, {'mean': mean, 'var': var})
+  else:
+    mean, var = stats['mean'], stats['var']
+  return (features - mean) * jax.lax.rsqrt(var + FEATURE_NORM_EPSILON), stats
+
+
+def linear_probe_logits(model, feature_norm: str = 'none'):
+  """logits_fn of the linear protocol: frozen encoder, BatchNorm in inference mode; with
+  feature_norm='batchnorm', `feature_batchnorm` on h (its running statistics in
+  batch_stats['feature_norm'])."""
   def logits_fn(params, batch_stats, frozen, images, train):
-    del train
     h = model.apply(frozen, images, train=False, method=models.SimCLRModel.encode)
-    return logistic_regression.logits(params['probe'], jax.lax.stop_gradient(h)), batch_stats
+    h = jax.lax.stop_gradient(h)
+    if feature_norm == 'batchnorm':
+      h, stats = feature_batchnorm(h, batch_stats['feature_norm'], train)
+      batch_stats = {**batch_stats, 'feature_norm': stats}
+    return logistic_regression.logits(params['probe'], h), batch_stats
   return logits_fn
 
 
@@ -224,10 +246,17 @@ def create_optimizer(cfg, batch_size: int, total_steps: int, batch_stats: dict):
   return tx, schedule
 
 
-def _classifier_parts(config, encoder: eval_setup.Encoder):
-  """(logits_fn, frozen variables, trainable trunk variables) of linear or finetune."""
+def _classifier_parts(config, encoder: eval_setup.Encoder, image_size: int):
+  """(logits_fn, frozen variables, trunk variables under the classifier) of linear or
+  finetune."""
   if config.protocol == 'linear':
-    return linear_probe_logits(encoder.model), encoder.variables, {'params': {}}
+    trunk = {'params': {}}
+    if config.linear.feature_norm == 'batchnorm':
+      num_features = _num_features(config, encoder, image_size)
+      trunk['batch_stats'] = {'feature_norm': {'mean': jnp.zeros(num_features, jnp.float32),
+                                               'var': jnp.ones(num_features, jnp.float32)}}
+    return (linear_probe_logits(encoder.model, config.linear.feature_norm), encoder.variables,
+            trunk)
   keep = ('encoder', 'head') if config.finetune.proj_layers else ('encoder',)
   trunk = {collection: {k: v for k, v in tree.items() if k in keep}
            for collection, tree in encoder.variables.items()}
@@ -261,7 +290,7 @@ def train_classifier(evaluation: eval_setup.Evaluation, encoder: eval_setup.Enco
   cfg = config[config.protocol]
   steps_per_epoch = data.steps_per_epoch(task.num_train_examples, config.batch_size)
   total_steps = classifier_steps(config, task.num_train_examples)
-  logits_fn, frozen, trunk = _classifier_parts(config, encoder)
+  logits_fn, frozen, trunk = _classifier_parts(config, encoder, evaluation.image_size)
   tx, schedule = create_optimizer(cfg, config.batch_size, total_steps,
                                   trunk.get('batch_stats', {}))
   num_features = _num_features(config, encoder, evaluation.image_size)

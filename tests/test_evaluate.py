@@ -123,6 +123,8 @@ def unlabelled_data_dir(tmp_path_factory):
      'keeps 2 of 96 examples, which leaves some of the 4 classes empty'),
     ('ok', {'protocol': 'finetune', 'finetune.proj_layers': 2}, 'has 1 hidden layers'),
     ('ok', {'protocol': 'finetune', 'finetune.optimizer': 'adam'}, "Unknown optimizer 'adam'"),
+    ('ok', {'protocol': 'linear', 'linear.feature_norm': 'layernorm'},
+     "Unknown linear.feature_norm 'layernorm'"),
     ('ok', {'data.train_split': 'validation'}, 'no split .*validation'),
     ('ok', {'batch_size': 12}, 'not divisible by the 8 devices'),
     ('ok', {'batch_size': 0}, 'batch_size must be positive'),
@@ -158,6 +160,8 @@ def test_plan_describes_the_evaluation_without_compiling_or_writing(pretrain_run
 @pytest.mark.parametrize('overrides, name', [
     ({'protocol': 'linear', 'linear.label_fraction': 1.0}, 'linear'),
     ({'protocol': 'linear', 'linear.label_fraction': 0.01}, 'linear_1pct'),
+    ({'protocol': 'linear', 'linear.feature_norm': 'batchnorm', 'linear.label_fraction': 0.1},
+     'linear_bn_10pct'),
     ({'protocol': 'finetune', 'finetune.label_fraction': 0.1, 'random_init': True},
      'finetune_10pct_random_init'),
     ({'protocol': 'knn', 'data.dataset': 'cifar100'}, 'knn_on_cifar100'),
@@ -174,6 +178,7 @@ def test_result_names_keep_evaluations_apart(overrides, name):
     ({'protocol': 'knn'}, 'knn'),
     ({'protocol': 'linear_features', 'features': 'pixels'}, 'linear_features_pixels'),
     ({'protocol': 'linear', 'random_init': True}, 'linear_random_init'),
+    ({'protocol': 'linear', 'linear.feature_norm': 'batchnorm'}, 'linear_bn'),
     ({'protocol': 'finetune', 'finetune.proj_layers': 1, 'finetune.optimizer': 'lars'},
      'finetune_50pct'),
 ])
@@ -208,6 +213,23 @@ def _numpy_knn_scores(queries, keys, key_labels, key_valid, num_classes, k, temp
     for j in np.argsort(-similarity)[:k]:
       scores[i, key_labels[j]] += np.exp(similarity[j] / temperature)
   return scores
+
+
+def test_feature_batchnorm_matches_numpy():
+  rng = np.random.RandomState(0)
+  features = rng.normal(3.0, 2.0, size=(32, 5)).astype(np.float32)
+  stats = {'mean': rng.normal(size=5).astype(np.float32),
+           'var': rng.uniform(0.5, 2.0, size=5).astype(np.float32)}
+  normed, new_stats = protocols.feature_batchnorm(features, stats, train=True)
+  mean, var = features.mean(0), ((features - features.mean(0)) ** 2).mean(0)  # Biased.
+  np.testing.assert_allclose(normed, (features - mean) / np.sqrt(var + 1e-6), rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_allclose(new_stats['mean'], 0.9 * stats['mean'] + 0.1 * mean, rtol=1e-5)
+  np.testing.assert_allclose(new_stats['var'], 0.9 * stats['var'] + 0.1 * var, rtol=1e-5)
+  normed, same = protocols.feature_batchnorm(features, stats, train=False)
+  np.testing.assert_allclose(normed, (features - stats['mean']) / np.sqrt(stats['var'] + 1e-6),
+                             rtol=1e-4, atol=1e-5)
+  assert same is stats
 
 
 def test_knn_matches_brute_force_numpy():
