@@ -335,7 +335,7 @@ def save_classifier(evaluation: eval_setup.Evaluation, base: eval_setup.Encoder,
   model_config.probe_proj_layers = proj_layers
   config = evaluation.run_config.copy_and_resolve_references()
   config.model = model_config
-  config.data = evaluation.task.train.config.copy_and_resolve_references()
+  config.data = evaluation.task.test.config.copy_and_resolve_references()  # Not a subset's.
   variables = {collection: {**base.variables[collection], **getattr(state, collection)}
                for collection in ('params', 'batch_stats')}
   checkpointing.save_network(evaluation.save_to, config, evaluation.task.num_classes, variables,
