@@ -109,6 +109,8 @@ def embed(encoder: eval_setup.Encoder, images: np.ndarray, mesh: jax.sharding.Me
   """{'h', 'z'[, 'logits']} of float32 model inputs [N, S, S, 3], in inference mode, in batches
   of `batch_size` sharded over the mesh (the last one padded, so there is one compilation)."""
   mesh_lib.check_global_batch_size(batch_size, mesh)
+  devices = mesh.devices.size
+  batch_size = min(batch_size, -(-len(images) // devices) * devices)  # No more padding than needed.
   sharding = mesh_lib.batch_sharded(mesh)
   parts = []
   for start in range(0, len(images), batch_size):
