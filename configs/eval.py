@@ -7,6 +7,10 @@ r"""Evaluates a pretraining run's encoder; --config.protocol picks the protocol.
     python run_eval.py --workdir=runs/default --config.protocol=knn
     python run_eval.py --workdir=runs/default --config.protocol=finetune \
         --config.finetune.label_fraction=0.1
+    python run_eval.py --workdir=runs/default --config.protocol=finetune \
+        --config.finetune.label_fraction=0.1 --config.finetune.save_to=runs/teacher
+    python run_eval.py --workdir=runs/teacher --config.protocol=distill \
+        --config.distill.student_workdir=runs/default --config.distill.save_to=runs/student
     python run_eval.py --workdir=runs/default --config.protocol=knn --config.random_init=True
     python run_eval.py --workdir=runs/default --config.protocol=knn --config.features=pixels
 
@@ -21,7 +25,14 @@ Protocols:
   knn              weighted k-NN (k=200, T=0.1) on l2-normalised features of the train split.
   finetune         the whole encoder on a label fraction of train, BN in train mode: the official
                    1%/10% lists for imagenet2012 (TFDS imagenet2012_subset), a class-balanced
-                   draw (seeded by `seed`) for other datasets.
+                   draw (seeded by `seed`) for other datasets; `finetune.save_to` saves the
+                   fine-tuned network (encoder, head, classifier) as a workdir.
+  distill          SimCLR v2's third step: --workdir is the teacher (a run with a classifier);
+                   a student (from `distill.student_workdir`, or randomly initialised with the
+                   teacher's or a smaller architecture) trains on every image of train_split on
+                   -sum_y softmax(teacher/T)_y log softmax(student/T)_y, labels unused; the
+                   results hold the student's and the teacher's test accuracies, the student is
+                   saved as a workdir (`distill.save_to`).
 Switches: random_init=True evaluates an untrained encoder of the same architecture (seeded by
 `seed`); features='pixels' (linear_features, knn) uses the raw pixels instead of an encoder.
 Data settings left as None come from the pretraining run; a different `data.dataset` is a transfer
@@ -47,7 +58,7 @@ from ml_collections import config_dict
 
 def get_config():
   config = ml_collections.ConfigDict()
-  config.protocol = 'linear_features'  # 'linear_features', 'linear', 'knn' or 'finetune'.
+  config.protocol = 'linear_features'  # 'linear_features', 'linear', 'knn', 'finetune', 'distill'.
   config.random_init = False       # Evaluate an untrained encoder instead of the checkpoint.
   config.features = 'encoder'      # 'encoder' or 'pixels' (linear_features and knn only).
 
@@ -93,4 +104,21 @@ def get_config():
   config.finetune.learning_rate_scaling = 'linear'
   config.finetune.weight_decay = 0.0    # Never on BatchNorm parameters.
   config.finetune.proj_layers = 0       # Projection layers kept under the classifier (v2: 1).
+  config.finetune.save_to = config_dict.placeholder(str)  # Workdir to save the network to.
+
+  # SimCLR v2 distillation: --workdir is the teacher (a run with a classifier: a saved
+  # finetune, a converted fine-tuned checkpoint); the student trains on all of train_split
+  # without labels, on the cross-entropy to the teacher's softmax at `temperature`.
+  config.distill = ml_collections.ConfigDict()
+  config.distill.temperature = 1.0      # v2 paper: 1.0.
+  config.distill.num_epochs = 2
+  config.distill.optimizer = 'momentum'
+  config.distill.learning_rate = 0.05
+  config.distill.learning_rate_scaling = 'linear'
+  config.distill.weight_decay = 0.0
+  config.distill.proj_layers = 0        # Student projection layers under its classifier.
+  config.distill.student_workdir = config_dict.placeholder(str)  # Start from this run; None: init.
+  config.distill.student_depth = config_dict.placeholder(int)    # Random-init student's ResNet
+  config.distill.student_width_multiplier = config_dict.placeholder(float)  # (None: teacher's).
+  config.distill.save_to = config_dict.placeholder(str)  # None: WORKDIR/eval/<name>/student.
   return config

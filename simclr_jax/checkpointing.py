@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -59,6 +60,32 @@ def run_metadata(config: ml_collections.ConfigDict, num_classes: int) -> dict:
   return {'model': config.model.to_dict(), 'image_size': config.data.image_size,
           'num_classes': num_classes, 'dataset': config.data.dataset,
           'config': config.to_dict()}
+
+
+def check_new_workdir(workdir: str, flag: str) -> None:
+  """Raises UserError if `workdir` already holds checkpoints (a network is saved only into a new
+  workdir)."""
+  if os.path.isdir(checkpoint_dir(workdir)) and os.listdir(checkpoint_dir(workdir)):
+    raise errors.UserError(f'{flag}={workdir} already holds checkpoints; give a new directory.')
+
+
+def save_network(workdir: str, config: ml_collections.ConfigDict, num_classes: int,
+                 variables: dict, step: int, **extra_meta) -> None:
+  """Writes `workdir` as a run that holds one network and no optimizer state: config.json and a
+  checkpoint of `variables` ({'params', 'batch_stats'} of models.create_model(config.model,
+  num_classes)) at `step`, which evaluation and the tools restore like a pretraining run."""
+  check_new_workdir(workdir, 'workdir')
+  checkpointer = Checkpointer(workdir, max_to_keep=1)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  state = train_state_lib.TrainState(
+      step=np.int32(step), params=variables['params'], batch_stats=variables['batch_stats'],
+      opt_state={}, rng=jax.random.key_data(jax.random.key(0)))
+  checkpointer.save(state, {**run_metadata(config, num_classes), **extra_meta})
+  checkpointer.wait_until_finished()
+  checkpointer.close()
 
 
 # Config fields a resumed run may change: they alter no update, only how often things are logged,

@@ -35,7 +35,6 @@ import tensorflow as tf
 from configs import default
 from simclr_jax import checkpointing
 from simclr_jax import models
-from simclr_jax import train_state
 from simclr_jax.errors import UserError
 
 # TF1 variable scopes and the SimCLRModel parts they become.
@@ -301,25 +300,15 @@ def convert(checkpoint_path: str, *, ema: bool = False,
 def write_workdir(converted: Converted, workdir: str) -> None:
   """Writes `workdir` as a pretraining run would (config.json and an Orbax checkpoint at the
   checkpoint's step) so that run_eval.py evaluates the converted model."""
-  checkpointer = checkpointing.Checkpointer(workdir, max_to_keep=1)
-  if checkpointer.latest_step() is not None:
-    raise UserError(f'{workdir} already holds checkpoints; convert into an empty workdir.')
+  checkpointing.check_new_workdir(workdir, '--workdir')
   config = default.get_config()
   config.model = ml_collections.ConfigDict(converted.model_config)
   imagenet = converted.image_size == 224
   config.data.update(dataset='imagenet2012' if imagenet else 'cifar10',
                      image_size=converted.image_size, train_split='train',
                      eval_split='validation' if imagenet else 'test')
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  state = train_state.TrainState(
-      step=np.int32(converted.step), params=converted.variables['params'],
-      batch_stats=converted.variables['batch_stats'], opt_state={},
-      rng=jax.random.key_data(jax.random.key(0)))
-  checkpointer.save(state, checkpointing.run_metadata(config, converted.num_classes))
-  checkpointer.wait_until_finished()
-  checkpointer.close()
+  checkpointing.save_network(workdir, config, converted.num_classes, converted.variables,
+                             converted.step)
 
 
 def main(argv):

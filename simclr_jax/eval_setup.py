@@ -23,8 +23,8 @@ from simclr_jax import mesh as mesh_lib
 from simclr_jax import models
 from simclr_jax import train_state as train_state_lib
 
-PROTOCOLS = ('linear', 'linear_features', 'knn', 'finetune')
-TRAINED_PROTOCOLS = ('linear', 'finetune')  # Train a classifier on (a fraction of) the labels.
+PROTOCOLS = ('linear', 'linear_features', 'knn', 'finetune', 'distill')
+TRAINED_PROTOCOLS = ('linear', 'finetune', 'distill')  # Train a classifier.
 FEATURES = ('encoder', 'pixels')
 OPTIMIZERS = ('momentum', 'lars')
 FEATURE_NORMS = ('none', 'batchnorm')  # Of the linear protocol's features.
@@ -56,10 +56,19 @@ class Evaluation:
   run_config: ml_collections.ConfigDict  # The pretraining config of the run.
   saved: checkpointing.SavedRun | None    # The checkpoint; None for random_init and pixels.
   task: Task
+  student: 'Student | None' = None        # distill only.
+  save_to: str | None = None              # Workdir the trained network is saved to.
 
   @property
   def image_size(self) -> int:
     return self.task.train.config.image_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Student:
+  """The student of distillation: a run to start from, or the model config of a random one."""
+  saved: checkpointing.SavedRun | None
+  model_config: ml_collections.ConfigDict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +80,11 @@ class Encoder:
 
 
 def label_fraction(config: ml_collections.ConfigDict) -> float:
-  """Fraction of train_split's labels the protocol trains on (all for the untrained ones)."""
-  return config[config.protocol].label_fraction if config.protocol in TRAINED_PROTOCOLS else 1.0
+  """Fraction of train_split's labels the protocol trains on (all for the others; distillation
+  uses every image, without its label)."""
+  if config.protocol not in TRAINED_PROTOCOLS:
+    return 1.0
+  return config[config.protocol].get('label_fraction', 1.0)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -81,6 +93,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise errors.UserError(f'Unknown protocol {config.protocol!r}; expected one of {PROTOCOLS}.')
   if config.features not in FEATURES:
     raise errors.UserError(f'Unknown features {config.features!r}; expected one of {FEATURES}.')
+  if config.protocol == 'distill' and config.random_init:
+    raise errors.UserError('--config.random_init=True has no teacher to distill; give the '
+                           '--workdir of a run with a classifier.')
   if config.features == 'pixels' and (config.protocol in TRAINED_PROTOCOLS or config.random_init):
     raise errors.UserError('--config.features=pixels works with the linear_features and knn '
                            'protocols, without random_init.')
@@ -89,14 +104,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if cfg.optimizer not in OPTIMIZERS:
       raise errors.UserError(f'Unknown optimizer {cfg.optimizer!r}; expected one of '
                              f'{OPTIMIZERS}.')
-    if not 0 < cfg.label_fraction <= 1:
-      raise errors.UserError(f'label_fraction must be in (0, 1], got {cfg.label_fraction}.')
+    if not 0 < label_fraction(config) <= 1:
+      raise errors.UserError(f'label_fraction must be in (0, 1], got {label_fraction(config)}.')
     if cfg.num_epochs <= 0:
       raise errors.UserError(f'{config.protocol}.num_epochs must be positive, got '
                              f'{cfg.num_epochs}.')
   if config.linear.feature_norm not in FEATURE_NORMS:
     raise errors.UserError(f'Unknown linear.feature_norm {config.linear.feature_norm!r}; '
                            f'expected one of {FEATURE_NORMS}.')
+  if config.protocol == 'distill':
+    cfg = config.distill
+    if cfg.temperature <= 0:
+      raise errors.UserError(f'distill.temperature must be positive, got {cfg.temperature}.')
+    if cfg.student_workdir and (cfg.student_depth or cfg.student_width_multiplier):
+      raise errors.UserError('distill.student_workdir gives the student its architecture; leave '
+                             'distill.student_depth and student_width_multiplier unset.')
 
 
 def result_name(config: ml_collections.ConfigDict, run_dataset: str | None,
@@ -202,12 +224,41 @@ def prepare_task(config: ml_collections.ConfigDict, data_config: ml_collections.
 
 def _check_proj_layers(config: ml_collections.ConfigDict,
                        model_config: ml_collections.ConfigDict) -> None:
-  if config.protocol != 'finetune':
+  if config.protocol not in ('finetune', 'distill'):
     return
   hidden = models.create_model(model_config).head.num_hidden_layers
-  if not 0 <= config.finetune.proj_layers <= hidden:
-    raise errors.UserError(f'finetune.proj_layers={config.finetune.proj_layers}, but the '
+  proj_layers = config[config.protocol].proj_layers
+  if not 0 <= proj_layers <= hidden:
+    raise errors.UserError(f'{config.protocol}.proj_layers={proj_layers}, but the '
                            f'projection head has {hidden} hidden layers to keep.')
+
+
+def save_to(config: ml_collections.ConfigDict, workdir: str, name: str) -> str | None:
+  """Where the protocol saves its trained network (distill always, finetune on request)."""
+  if config.protocol == 'finetune':
+    return config.finetune.save_to
+  if config.protocol == 'distill':
+    return config.distill.save_to or os.path.join(workdir, 'eval', name, 'student')
+  return None
+
+
+def prepare_student(config: ml_collections.ConfigDict, saved: checkpointing.SavedRun,
+                    num_classes: int) -> Student:
+  """The student of distillation, checked against the teacher run `saved`."""
+  if saved.meta['num_classes'] != num_classes:
+    raise errors.UserError(f'The teacher {saved.workdir} has a classifier of '
+                           f'{saved.meta["num_classes"] or "no"} classes, the data '
+                           f'{num_classes}; give the workdir of a fine-tuned run '
+                           '(--config.finetune.save_to) or a converted fine-tuned checkpoint.')
+  cfg = config.distill
+  if cfg.student_workdir:
+    student = checkpointing.open_saved_run(cfg.student_workdir)
+    return Student(student, student.model_config)
+  model_config = saved.model_config.copy_and_resolve_references()
+  model_config.depth = cfg.student_depth or model_config.depth
+  model_config.width_multiplier = cfg.student_width_multiplier or model_config.width_multiplier
+  models.create_model(model_config)  # UserError for an unknown depth.
+  return Student(None, model_config)
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str, step: int | None,
@@ -222,11 +273,17 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, step: int | None,
   else:
     saved = checkpointing.open_saved_run(workdir, step)
     run_config, image_size = saved.config, saved.meta['image_size']
-  _check_proj_layers(config, run_config.model)
   data_config = eval_data_config(config, run_config, image_size)
   task = prepare_task(config, data_config, f'the {config.protocol} protocol')
+  student = None
+  if config.protocol == 'distill':
+    student = prepare_student(config, saved, task.num_classes)
+  _check_proj_layers(config, student.model_config if student else run_config.model)
   name = result_name(config, run_config.data.dataset, step)
-  return Evaluation(config, workdir, name, run_config, saved, task)
+  target = save_to(config, workdir, name)
+  if target:
+    checkpointing.check_new_workdir(target, f'--config.{config.protocol}.save_to')
+  return Evaluation(config, workdir, name, run_config, saved, task, student, target)
 
 
 def load_encoder(evaluation: Evaluation, mesh: jax.sharding.Mesh) -> Encoder:
@@ -234,14 +291,27 @@ def load_encoder(evaluation: Evaluation, mesh: jax.sharding.Mesh) -> Encoder:
   config = evaluation.config
   if config.features == 'pixels':
     return Encoder(None, {}, 0)
-  replicated = mesh_lib.replicated(mesh)
   if config.random_init:
-    model = models.create_model(evaluation.run_config.model)
-    init = functools.partial(train_state_lib.init_variables, model,
-                             image_size=evaluation.image_size)
-    return Encoder(model, jax.jit(init, out_shardings=replicated)(jax.random.key(config.seed)),
-                   0)
+    return random_encoder(evaluation.run_config.model, evaluation.image_size, config.seed, mesh)
   return restore_encoder(evaluation.saved, mesh)
+
+
+def random_encoder(model_config: ml_collections.ConfigDict, image_size: int, seed: int,
+                   mesh: jax.sharding.Mesh) -> Encoder:
+  """An untrained model of `model_config`, initialised from `seed`, replicated onto `mesh`."""
+  model = models.create_model(model_config)
+  init = functools.partial(train_state_lib.init_variables, model, image_size=image_size)
+  return Encoder(model, jax.jit(init, out_shardings=mesh_lib.replicated(mesh))(
+      jax.random.key(seed)), 0)
+
+
+def load_student(evaluation: Evaluation, mesh: jax.sharding.Mesh) -> Encoder:
+  """The student of distillation: restored from its run, or randomly initialised (`seed`)."""
+  student = evaluation.student
+  if student.saved is not None:
+    return restore_encoder(student.saved, mesh)
+  return random_encoder(student.model_config, evaluation.image_size, evaluation.config.seed,
+                        mesh)
 
 
 def restore_encoder(saved: checkpointing.SavedRun, mesh: jax.sharding.Mesh) -> Encoder:

@@ -6,7 +6,7 @@ device mesh, and writes on process 0:
   workdir/eval/<name>.json       the results (top1, top5, step, dataset, ...)
   workdir/eval/results.jsonl     one line per evaluation; TensorBoard scalars `<name>/top1` in
                                  workdir/eval/tb, at the pretraining step
-  workdir/eval/<name>/           the classifier's training curve (linear, finetune)
+  workdir/eval/<name>/           the classifier's training curve (linear, finetune, distill)
 with <name> from `eval_setup.result_name`.
 """
 
@@ -37,7 +37,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   # One writer per evaluation name; other evaluations of the run may go on at the same time.
   with workdir_lock.hold(eval_dir, f'.{evaluation.name}.lock'), jax.set_mesh(mesh):
     encoder = eval_setup.load_encoder(evaluation, mesh)
-    if config.protocol in eval_setup.TRAINED_PROTOCOLS:
+    if config.protocol == 'distill':
+      student = eval_setup.load_student(evaluation, mesh)
+      metrics = protocols.run_distill(evaluation, encoder, student, mesh,
+                                      os.path.join(eval_dir, evaluation.name))
+    elif config.protocol in eval_setup.TRAINED_PROTOCOLS:
       metrics = protocols.run_classifier(evaluation, encoder, mesh,
                                          os.path.join(eval_dir, evaluation.name))
     elif config.protocol == 'knn':

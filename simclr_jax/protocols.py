@@ -4,7 +4,9 @@ Each protocol takes the checked `Evaluation` (simclr_jax/eval_setup.py), an `Enc
 mesh, runs jitted functions over global arrays, and returns its metrics (top1, top5, ...).
 """
 
+import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
+from simclr_jax import checkpointing
 from simclr_jax import console
 from simclr_jax import data
 from simclr_jax import eval_setup
@@ -165,7 +168,17 @@ def run_linear_features(evaluation: eval_setup.Evaluation, encoder: eval_setup.E
           'holdout_accuracy': {str(k): v for k, v in holdout_accuracy.items()}}
 
 
-# Trained classifiers (linear, finetune).
+# Trained classifiers (linear, finetune, distill).
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierParts:
+  """What a trained-classifier protocol trains, and on which loss."""
+  model: models.SimCLRModel  # The network whose features the classifier reads.
+  proj_layers: int           # Projection layers between h and the classifier.
+  logits_fn: Callable        # (params, batch_stats, frozen, images, train) -> (logits, stats)
+  frozen: dict               # Variables that stay fixed (linear: the encoder; distill: teacher).
+  trunk: dict                # Variables that train under the classifier (finetune, distill).
+  loss_fn: Callable          # (logits, batch, frozen) -> (loss, metrics)
 
 def trunk_features(model, variables, images, *, train: bool, proj_layers: int = 0):
   """h, or the output of the first `proj_layers` projection layers (after their ReLU, as in
@@ -218,16 +231,44 @@ def finetune_logits(model, proj_layers: int):
   return logits_fn
 
 
-def classifier_train_step(state: train_state_lib.TrainState, frozen: dict, batch: dict, *,
-                          logits_fn, tx, schedule):
-  """One step of softmax cross-entropy on {'image', 'label'}."""
-  def loss_fn(params):
-    logits, batch_stats = logits_fn(params, state.batch_stats, frozen, batch['image'], train=True)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
-    return loss, ({'loss': loss, 'accuracy': accuracy}, batch_stats)
+def label_loss(logits: jax.Array, batch: dict, frozen: dict) -> tuple[jax.Array, dict]:
+  """Softmax cross-entropy with the batch's labels, and the accuracy."""
+  del frozen
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+  return loss, {'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
 
-  grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+
+def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array,
+                      temperature: float) -> jax.Array:
+  """SimCLR v2's distillation loss, averaged over the batch:
+  -sum_y softmax(teacher / T)_y log softmax(student / T)_y (no T^2 factor, as the paper)."""
+  targets = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits) / temperature)
+  return optax.softmax_cross_entropy(student_logits / temperature, targets).mean()
+
+
+def teacher_logits(teacher: models.SimCLRModel, variables: dict, images: jax.Array) -> jax.Array:
+  """The teacher's classifier logits, in inference mode."""
+  return teacher.apply(variables, images, train=False)['probe_logits']
+
+
+def distill_loss_fn(teacher: models.SimCLRModel, temperature: float) -> Callable:
+  """loss_fn of distillation: `frozen` holds the teacher's variables; labels are not read."""
+  def loss_fn(logits, batch, frozen):
+    targets = teacher_logits(teacher, frozen, batch['image'])
+    agreement = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))
+    return distillation_loss(logits, targets, temperature), {'teacher_agreement': agreement}
+  return loss_fn
+
+
+def classifier_train_step(state: train_state_lib.TrainState, frozen: dict, batch: dict, *,
+                          logits_fn, tx, schedule, loss_fn=label_loss):
+  """One step of `loss_fn` (default: softmax cross-entropy on {'image', 'label'})."""
+  def total_loss(params):
+    logits, batch_stats = logits_fn(params, state.batch_stats, frozen, batch['image'], train=True)
+    loss, metrics = loss_fn(logits, batch, frozen)
+    return loss, ({'loss': loss, **metrics}, batch_stats)
+
+  grads, (metrics, batch_stats) = jax.grad(total_loss, has_aux=True)(state.params)
   state, learning_rate = train_state_lib.apply_gradients(state, grads, batch_stats, tx=tx,
                                                          schedule=schedule)
   return state, {**metrics, 'learning_rate': learning_rate}
@@ -246,29 +287,35 @@ def create_optimizer(cfg, batch_size: int, total_steps: int, batch_stats: dict):
   return tx, schedule
 
 
-def _classifier_parts(config, encoder: eval_setup.Encoder, image_size: int):
-  """(logits_fn, frozen variables, trunk variables under the classifier) of linear or
-  finetune."""
+def classifier_parts(config, encoder: eval_setup.Encoder,
+                     teacher: eval_setup.Encoder | None = None) -> ClassifierParts:
+  """linear: a classifier on the frozen `encoder`; finetune: the encoder (and `proj_layers` of
+  its head) trains with the classifier; distill: likewise the student `encoder`, on the
+  distillation loss to `teacher`."""
   if config.protocol == 'linear':
-    trunk = {'params': {}}
-    if config.linear.feature_norm == 'batchnorm':
-      num_features = _num_features(config, encoder, image_size)
-      trunk['batch_stats'] = {'feature_norm': {'mean': jnp.zeros(num_features, jnp.float32),
-                                               'var': jnp.ones(num_features, jnp.float32)}}
-    return (linear_probe_logits(encoder.model, config.linear.feature_norm), encoder.variables,
-            trunk)
-  keep = ('encoder', 'head') if config.finetune.proj_layers else ('encoder',)
+    return ClassifierParts(encoder.model, 0,
+                           linear_probe_logits(encoder.model, config.linear.feature_norm),
+                           encoder.variables, {'params': {}}, label_loss)
+  proj_layers = config[config.protocol].proj_layers
+  keep = ('encoder', 'head') if proj_layers else ('encoder',)
   trunk = {collection: {k: v for k, v in tree.items() if k in keep}
            for collection, tree in encoder.variables.items()}
-  return finetune_logits(encoder.model, config.finetune.proj_layers), {}, trunk
+  frozen, loss_fn = {}, label_loss
+  if config.protocol == 'distill':
+    frozen, loss_fn = teacher.variables, distill_loss_fn(teacher.model,
+                                                         config.distill.temperature)
+  return ClassifierParts(encoder.model, proj_layers, finetune_logits(encoder.model, proj_layers),
+                         frozen, trunk, loss_fn)
 
 
-def _num_features(config, encoder: eval_setup.Encoder, image_size: int) -> int:
+def _num_features(parts: ClassifierParts, image_size: int) -> int:
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  model_variables = jax.eval_shape(
+      functools.partial(train_state_lib.init_variables, parts.model, image_size=image_size),
+      jax.random.key(0))
   features, _ = jax.eval_shape(
-      functools.partial(trunk_features, encoder.model, train=False,
-                        proj_layers=config[config.protocol].get('proj_layers', 0)),
-      encoder.variables, images)
+      functools.partial(trunk_features, parts.model, train=False, proj_layers=parts.proj_layers),
+      model_variables, images)
   return features.shape[-1]
 
 
@@ -279,21 +326,26 @@ def classifier_steps(config, num_train_examples: int) -> int:
 
 
 def train_classifier(evaluation: eval_setup.Evaluation, encoder: eval_setup.Encoder, mesh,
-                     log_dir: str):
-  """linear or finetune: trains a zero-initialised linear classifier named 'probe' (and, for
-  finetune, the trunk under it) on the labelled train examples.
+                     log_dir: str, parts: ClassifierParts | None = None):
+  """Trains a zero-initialised linear classifier named 'probe' (and for finetune and distill the
+  trunk under it) on `parts.loss_fn` (default: `classifier_parts(config, encoder)`) over the
+  training examples (the labelled ones; distill: all).
 
   Returns (trained state, frozen variables, logits_fn(params, batch_stats, frozen, images,
   train) -> (logits, batch_stats)).
   """
   config, task = evaluation.config, evaluation.task
   cfg = config[config.protocol]
+  parts = parts or classifier_parts(config, encoder)
+  frozen, trunk = parts.frozen, parts.trunk
+  num_features = _num_features(parts, evaluation.image_size)
+  if config.protocol == 'linear' and config.linear.feature_norm == 'batchnorm':
+    trunk = {**trunk, 'batch_stats': {'feature_norm': {
+        'mean': jnp.zeros(num_features, jnp.float32), 'var': jnp.ones(num_features, jnp.float32)}}}
   steps_per_epoch = data.steps_per_epoch(task.num_train_examples, config.batch_size)
   total_steps = classifier_steps(config, task.num_train_examples)
-  logits_fn, frozen, trunk = _classifier_parts(config, encoder, evaluation.image_size)
   tx, schedule = create_optimizer(cfg, config.batch_size, total_steps,
                                   trunk.get('batch_stats', {}))
-  num_features = _num_features(config, encoder, evaluation.image_size)
   replicated = mesh_lib.replicated(mesh)
 
   def create_state(trunk):
@@ -306,7 +358,8 @@ def train_classifier(evaluation: eval_setup.Evaluation, encoder: eval_setup.Enco
 
   state = jax.jit(create_state, out_shardings=replicated)(trunk)
   step_fn = jax.jit(
-      functools.partial(classifier_train_step, logits_fn=logits_fn, tx=tx, schedule=schedule),
+      functools.partial(classifier_train_step, logits_fn=parts.logits_fn, loss_fn=parts.loss_fn,
+                        tx=tx, schedule=schedule),
       in_shardings=(replicated, replicated, mesh_lib.batch_sharded(mesh)),
       out_shardings=(replicated, replicated), donate_argnums=(0,))
   batches = data.classifier_batches(task.train, mesh, seed=config.seed,
@@ -322,19 +375,67 @@ def train_classifier(evaluation: eval_setup.Evaluation, encoder: eval_setup.Enco
         non_finite_message=lambda step, loss: (
             f'The {config.protocol} loss is {loss} at step {step}; lower '
             f'--config.{config.protocol}.learning_rate.'))
-  return result.state, frozen, logits_fn
+  return result.state, frozen, parts.logits_fn
+
+
+def save_classifier(evaluation: eval_setup.Evaluation, base: eval_setup.Encoder,
+                    model_config, state: train_state_lib.TrainState, proj_layers: int) -> None:
+  """Saves the trained network to `evaluation.save_to` as a run (checkpointing.save_network):
+  `base`'s variables with the trained trunk and classifier ('probe', reading `proj_layers`)."""
+  model_config = model_config.copy_and_resolve_references()
+  model_config.probe_proj_layers = proj_layers
+  config = evaluation.run_config.copy_and_resolve_references()
+  config.model = model_config
+  config.data = evaluation.task.test.config.copy_and_resolve_references()  # Not a subset's.
+  variables = {collection: {**base.variables[collection], **getattr(state, collection)}
+               for collection in ('params', 'batch_stats')}
+  checkpointing.save_network(evaluation.save_to, config, evaluation.task.num_classes, variables,
+                             int(state.step), classifier=evaluation.config.protocol,
+                             trained_from=evaluation.workdir)
+  logging.info('Saved the %s network to %s.', evaluation.config.protocol, evaluation.save_to)
 
 
 def run_classifier(evaluation: eval_setup.Evaluation, encoder: eval_setup.Encoder, mesh,
                    log_dir: str) -> dict:
-  """Trains the classifier of linear or finetune (`train_classifier`), then tests it."""
+  """Trains the classifier of linear or finetune (`train_classifier`), then tests it; saves a
+  fine-tuned network where `evaluation.save_to` says."""
   cfg = evaluation.config[evaluation.config.protocol]
   state, frozen, logits_fn = train_classifier(evaluation, encoder, mesh, log_dir)
 
   def scores(state, frozen, images):
     return logits_fn(state.params, state.batch_stats, frozen, images, train=False)[0]
 
-  return {**accuracies(evaluation.task.test, mesh, evaluation.config.batch_size, scores, state,
-                      frozen),
-          'num_epochs': cfg.num_epochs,
-          'train_steps': int(state.step), 'label_fraction': cfg.label_fraction}
+  results = {**accuracies(evaluation.task.test, mesh, evaluation.config.batch_size, scores,
+                          state, frozen),
+             'num_epochs': cfg.num_epochs,
+             'train_steps': int(state.step), 'label_fraction': cfg.label_fraction}
+  if evaluation.save_to:
+    model_config = (evaluation.saved.model_config if evaluation.saved
+                    else evaluation.run_config.model)
+    save_classifier(evaluation, encoder, model_config, state, cfg.proj_layers)
+    results['saved_to'] = evaluation.save_to
+  return results
+
+
+def run_distill(evaluation: eval_setup.Evaluation, teacher: eval_setup.Encoder,
+                student: eval_setup.Encoder, mesh, log_dir: str) -> dict:
+  """Distils `teacher`'s classifier into `student` on every training image (labels unused),
+  tests both, and saves the student."""
+  config = evaluation.config
+  cfg = config.distill
+  parts = classifier_parts(config, student, teacher)
+  state, frozen, logits_fn = train_classifier(evaluation, student, mesh, log_dir, parts)
+
+  def scores(state, frozen, images):
+    return logits_fn(state.params, state.batch_stats, frozen, images, train=False)[0]
+
+  test, batch_size = evaluation.task.test, config.batch_size
+  results = {**accuracies(test, mesh, batch_size, scores, state, frozen)}
+  teacher_scores = functools.partial(teacher_logits, teacher.model)
+  results.update({f'teacher_{k}': v for k, v in accuracies(
+      test, mesh, batch_size, teacher_scores, teacher.variables).items()})
+  save_classifier(evaluation, student, evaluation.student.model_config, state, cfg.proj_layers)
+  return {**results, 'temperature': cfg.temperature, 'num_epochs': cfg.num_epochs,
+          'train_steps': int(state.step), 'saved_to': evaluation.save_to,
+          'student': cfg.student_workdir or 'random init',
+          'student_model': evaluation.student.model_config.to_dict()}
