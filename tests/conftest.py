@@ -96,3 +96,29 @@ def tiny_pretrain_config(data_dir, **overrides):
   config.model.width_multiplier = 0.125
   config.update_from_flattened_dict(overrides)
   return config
+
+
+def write_random_run(workdir, image_size=TINY_IMAGE_SIZE, **model):
+  """A run in `workdir` holding one checkpoint of a random tiny model (`model`: config.model
+  overrides) with random BatchNorm statistics; returns (model, its variables as NumPy)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from simclr_jax import checkpointing
+  from simclr_jax import models
+  from simclr_jax import train_state as train_state_lib
+  config = tiny_pretrain_config('unused', **{'data.image_size': image_size,
+                                             **{f'model.{k}': v for k, v in model.items()}})
+  net = models.create_model(config.model, num_classes=TINY_NUM_CLASSES)
+  state = train_state_lib.create_train_state(net, optax.sgd(0.1), jax.random.key(1),
+                                             image_size=image_size)
+  rng = np.random.default_rng(0)
+  state = state.replace(batch_stats=jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.asarray(rng.uniform(0.5, 2, x.shape) if path[-1].key == 'var'
+                                  else rng.uniform(-0.2, 0.2, x.shape), x.dtype),
+      state.batch_stats))
+  checkpointer = checkpointing.Checkpointer(workdir)
+  checkpointer.save(state, checkpointing.run_metadata(config, TINY_NUM_CLASSES))
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  return net, jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})

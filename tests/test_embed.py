@@ -2,18 +2,14 @@
 
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from PIL import Image
 
-from conftest import TINY_IMAGE_SIZE, TINY_NUM_CLASSES, tiny_pretrain_config
-from simclr_jax import checkpointing
+from conftest import TINY_IMAGE_SIZE, write_random_run
 from simclr_jax import embed
 from simclr_jax import models
-from simclr_jax import train_state as train_state_lib
 from simclr_jax.errors import UserError
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
@@ -23,20 +19,7 @@ pytestmark = pytest.mark.usefixtures('fast_compiles')
 def run(tmp_path_factory):
   """(workdir, model, variables): a checkpoint with non-trivial BatchNorm statistics."""
   workdir = str(tmp_path_factory.mktemp('run'))
-  config = tiny_pretrain_config('unused', **{'model.zero_init_last_bn': False})
-  model = models.create_model(config.model, num_classes=TINY_NUM_CLASSES)
-  state = train_state_lib.create_train_state(model, optax.sgd(0.1), jax.random.key(1),
-                                             image_size=TINY_IMAGE_SIZE)
-  rng = np.random.default_rng(0)
-  state = state.replace(batch_stats=jax.tree_util.tree_map_with_path(
-      lambda path, x: jnp.asarray(rng.uniform(0.5, 2, x.shape) if path[-1].key == 'var'
-                                  else rng.uniform(-0.2, 0.2, x.shape), x.dtype),
-      state.batch_stats))
-  checkpointer = checkpointing.Checkpointer(workdir)
-  checkpointer.save(state, checkpointing.run_metadata(config, TINY_NUM_CLASSES))
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  return workdir, model, {'params': state.params, 'batch_stats': state.batch_stats}
+  return workdir, *write_random_run(workdir, zero_init_last_bn=False)
 
 
 def _images(n=10):

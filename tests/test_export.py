@@ -4,40 +4,16 @@ independent reader reads back; torchvision names that torchvision's ResNet loads
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import traverse_util
 
-from conftest import TINY_NUM_CLASSES, tiny_pretrain_config
-from simclr_jax import checkpointing
+from conftest import TINY_NUM_CLASSES, write_random_run
 from simclr_jax import export
-from simclr_jax import models
-from simclr_jax import train_state as train_state_lib
 from simclr_jax.errors import UserError
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
-
-
-def _write_run(workdir, image_size=16, **model):
-  """A checkpoint of a random model with random BatchNorm statistics; returns its variables."""
-  config = tiny_pretrain_config('unused', **{'data.image_size': image_size,
-                                             **{f'model.{k}': v for k, v in model.items()}})
-  net = models.create_model(config.model, num_classes=TINY_NUM_CLASSES)
-  state = train_state_lib.create_train_state(net, optax.sgd(0.1), jax.random.key(1),
-                                             image_size=image_size)
-  rng = np.random.default_rng(0)
-  state = state.replace(batch_stats=jax.tree_util.tree_map_with_path(
-      lambda path, x: jnp.asarray(rng.uniform(0.5, 2, x.shape) if path[-1].key == 'var'
-                                  else rng.uniform(-0.2, 0.2, x.shape), x.dtype),
-      state.batch_stats))
-  checkpointer = checkpointing.Checkpointer(workdir)
-  checkpointer.save(state, checkpointing.run_metadata(config, TINY_NUM_CLASSES))
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  return net, jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
 
 
 def _read_safetensors(path):
@@ -56,7 +32,7 @@ def _read_safetensors(path):
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('run'))
-  return workdir, *_write_run(workdir)
+  return workdir, *write_random_run(workdir)
 
 
 def test_flax_names_hold_every_variable_in_both_formats(tiny_run, tmp_path):
@@ -110,7 +86,7 @@ def _torchvision_resnet18_keys(downsample_stages=(2, 3, 4)):
 
 def test_torchvision_names_are_resnet18s_state_dict(tmp_path):
   workdir = str(tmp_path / 'run')
-  _, variables = _write_run(workdir, cifar_stem=False, layout='torchvision')
+  _, variables = write_random_run(workdir, cifar_stem=False, layout='torchvision')
   tensors = export.run(workdir, str(tmp_path / 'tv.npz'), head=True, names='torchvision')
   assert sorted(tensors) == sorted(_torchvision_resnet18_keys())
   assert len(tensors) == 122
@@ -128,7 +104,7 @@ def test_torchvision_names_are_resnet18s_state_dict(tmp_path):
 ])
 def test_torchvision_names_refuse_other_layouts(tmp_path, model, message):
   workdir = str(tmp_path / 'run')
-  _write_run(workdir, **model)
+  write_random_run(workdir, **model)
   with pytest.raises(UserError, match=message):
     export.run(workdir, str(tmp_path / 'x.npz'), names='torchvision')
   with pytest.raises(UserError, match='must end in'):
@@ -140,7 +116,7 @@ def test_torchvision_resnet18_computes_the_same_features(tmp_path):
   torch = pytest.importorskip('torch')
   torchvision = pytest.importorskip('torchvision')
   workdir = str(tmp_path / 'run')
-  net, variables = _write_run(workdir, image_size=32, cifar_stem=False, layout='torchvision',
+  net, variables = write_random_run(workdir, image_size=32, cifar_stem=False, layout='torchvision',
                               width_multiplier=1, zero_init_last_bn=False)
   tensors = export.run(workdir, str(tmp_path / 'tv.safetensors'), names='torchvision')
   model = torchvision.models.resnet18()
