@@ -9,10 +9,11 @@ Measures, for the config's model, batch and image size:
            `mesh.create_mesh()`, under `jax.set_mesh`), on synthetic batches already on device:
            step time (median over --windows windows of the --steps timed steps, blocking only at
            the end of a window),
-           images/s, views/s, lower + compile time, XLA's FLOPs of the compiled step, achieved
-           FLOP/s and MFU, peak device memory. The timed window runs under
-           `jax.transfer_guard('disallow')` (no host transfer can hide in the step) and checks
-           that the donated state buffers were consumed.
+           images/s, views/s, lower + compile time, the step's convolution and matmul FLOPs
+           (`step_timing.matmul_conv_flops`, PyTorch's counting), achieved FLOP/s and MFU,
+           peak device memory. The timed window runs under `jax.transfer_guard('disallow')`
+           (no host transfer can hide in the step) and checks that the donated state buffers
+           were consumed.
   host     the tf.data pretraining pipeline alone (`data.pretrain_batches`), images/s.
   e2e      the training loop: `data.pretrain_batches` -> `mesh.prefetch_to_device` -> the same
            compiled step, metrics fetched every log_every_steps; names the bottleneck.
@@ -229,7 +230,7 @@ def print_table(r):
       ('device images/s', _fmt(d['images_per_s'])),
       ('device views/s', _fmt(d['views_per_s'])),
       ('lower + compile', f"{d['lower_s']:.1f} s + {d['compile_s']:.1f} s"),
-      ('step GFLOP (XLA, per device)', _fmt(d['step_flops_per_device'], '', 1e9, 1)),
+      ('step GFLOP (conv + matmul, per device)', _fmt(d['step_flops_per_device'], '', 1e9, 1)),
       ('achieved GFLOP/s per device', _fmt(d['achieved_flops_per_device'], '', 1e9, 1)),
       ('MFU', 'n/a (no peak for this device; --peak_flops)' if d['mfu'] is None
        else f"{100 * d['mfu']:.1f}% of {d['peak_flops_per_device'] / 1e12:g} TFLOP/s "

@@ -57,6 +57,12 @@ _BUDGET_S = flags.DEFINE_float('budget_s', None, 'Seconds for all parts (default
 _E2E_TRAIN_S = flags.DEFINE_float('e2e_train_s', 150, 'Seconds of SimCLR training in the e2e '
                                   'part (epochs estimated from the measured step).')
 _STEPS = flags.DEFINE_integer('steps', None, 'Timed steps per part (default 20; dry 2).')
+_E2E_EPOCHS = flags.DEFINE_integer('e2e_epochs', 0, 'Epochs of the e2e part (0: as many as '
+                                   'fit in --e2e_train_s; 200 is configs/fashion_mnist_gpu.py).')
+_PARTS_FLAG = flags.DEFINE_list('parts', None, 'Only these parts, e.g. e2e/fashion_mnist '
+                                '(default: all, in the order of the table).')
+_SAVE_HLO = flags.DEFINE_bool('save_hlo', False, 'Write the optimized HLO of each jax part\'s '
+                              'step to $OUT/hlo_<case>.txt.')
 
 _SPEC_CASES = {  # case: (base config, depth, image size, batch, dtype, classes)
     'r18_cifar_bf16': ('cifar10', 18, 32, 512, 'bfloat16', 10),
@@ -238,6 +244,9 @@ class DeviceCheck:
     with jax.set_mesh(self.mesh):
       facts, timer = bench(config, self.mesh, num_classes, notes, warmup=self.warmup)
       timer.time(self.steps, self.windows)
+    if _SAVE_HLO.value and bench.__name__ == 'bench_device':
+      with open(os.path.join(self.report.out_dir, f'hlo_{case}.txt'), 'w') as f:
+        f.write(timer.compiled.as_text())
     return _step_record(facts, timer, config, num_classes, notes)
 
   def jax(self, case):
@@ -284,8 +293,8 @@ class DeviceCheck:
     from simclr_jax import pretrain  # pylint: disable=g-import-not-at-top
     measured = self.report.find('jax/r18_cifar_bf16').get('images_per_sec')
     num_train = DRY_RUN_TRAIN_EXAMPLES if self.dry_run else 60_000
-    epochs = 1 if self.dry_run or not measured else max(
-        1, int(_E2E_TRAIN_S.value * 0.8 * measured / num_train))  # 0.8: augmentation's cost.
+    epochs = _E2E_EPOCHS.value or (1 if self.dry_run or not measured else max(
+        1, int(_E2E_TRAIN_S.value * 0.8 * measured / num_train)))  # 0.8: augmentation's cost.
     config, evals = e2e_configs(self.dry_run, epochs)
     workdir = tempfile.mkdtemp(prefix='device_check_e2e_')
     start = time.perf_counter()
@@ -343,6 +352,8 @@ def main(argv):
   check = DeviceCheck(report, dry_run)
   for kind, case, estimate in _PARTS:
     name = kind if case is None else f'{kind}/{case}'
+    if _PARTS_FLAG.value and name not in _PARTS_FLAG.value + ['environment']:
+      continue
     # The estimates are an accelerator's; a dry run stops only when past its budget.
     estimate = 0 if dry_run else estimate + (_E2E_TRAIN_S.value if kind == 'e2e' else 0)
     elapsed = time.perf_counter() - start
