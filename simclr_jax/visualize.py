@@ -22,8 +22,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags
 
-from simclr_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_jax import tfds_data  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax import console  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config whose views to draw.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run whose curves to draw.')
@@ -40,6 +39,10 @@ def read_jsonl(path: str) -> list[dict]:
 
 def originals_and_views(config, num_images):
   """The first `num_images` examples: [(original uint8 [H, W, C], views float32 [2, h, w, 3])]."""
+  # Imported here: TensorFlow loads after console.quiet_third_party_logs, and curves need none.
+  from simclr_jax import data  # pylint: disable=g-import-not-at-top
+  from simclr_jax import tfds_data  # pylint: disable=g-import-not-at-top
+  data.prepare(config.data)
   split = data.open_split(config.data, config.data.train_split)
   image_feature = split.reader.info.features['image']
   preprocess = tfds_data.pretrain_preprocess_fn(config.data, split.reader.info.features,
@@ -105,10 +108,10 @@ def main(argv):
   del argv
   if (_WORKDIR.value is None) == (_CONFIG.value is None):
     raise app.UsageError('Give exactly one of --workdir (curves) or --config (views).')
+  console.quiet_third_party_logs(verbose=False)
   if _WORKDIR.value is not None:
     plot_curves(_WORKDIR.value, _OUT.value)
   else:
-    data.prepare(_CONFIG.value.data)
     plot_grid(originals_and_views(_CONFIG.value, _NUM_IMAGES.value), _OUT.value)
   print(f'Wrote {_OUT.value}')
 

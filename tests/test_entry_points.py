@@ -1,6 +1,7 @@
 """run_pretrain.py as a user meets it: one-line mistakes, its console, and an image folder from
 prepare_data through pretraining to evaluation (tiny model and images)."""
 
+import json
 import os
 import re
 import subprocess
@@ -80,3 +81,19 @@ def test_image_folder_end_to_end(tmp_path):
   assert (results['dataset'], results['eval_split'], results['num_train_examples']) == (
       'my_images', 'test', 24)
   assert results['top1'] >= 0.75  # Red or blue: 8 test images, chance 0.5.
+
+
+def test_visualize_curves_without_tensorflow_noise(tmp_path):
+  workdir = tmp_path / 'run'
+  (workdir / 'eval').mkdir(parents=True)
+  rows = [{'step': s, 'epoch': s / 10, 'loss': 9.0 - s / 10, 'chance_loss': 9.7,
+           'contrastive_acc': s / 40, 'probe_acc': s / 30} for s in (10, 20, 30)]
+  rows[-1]['knn_top1'] = 0.6  # The monitor's value rides on the step's record, as in training.
+  (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  (workdir / 'eval' / 'results.jsonl').write_text('{"step": 30, "knn/top1": 0.7}\n')
+  out = tmp_path / 'curves.png'
+  result = subprocess.run([sys.executable, '-m', 'simclr_jax.visualize', f'--workdir={workdir}',
+                           f'--out={out}'], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout == f'Wrote {out}\n' and result.stderr == ''
+  assert Image.open(out).size[0] > 0
