@@ -213,10 +213,11 @@ def matmul_conv_flops(jaxpr, num_devices: int = 1) -> float:
       flops += 2 * np.prod(out) * np.prod([lhs[d] for d in contracting]) / num_devices
     inner_devices = 1 if name == 'shard_map' else num_devices
     repeats = eqn.params.get('length', 1) if name == 'scan' else 1
-    for param in eqn.params.values():
-      for sub in (param if isinstance(param, (tuple, list)) else (param,)):
-        if isinstance(sub, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
-          flops += repeats * matmul_conv_flops(sub, inner_devices)
+    inner = [matmul_conv_flops(sub, inner_devices) for param in eqn.params.values()
+             for sub in (param if isinstance(param, (tuple, list)) else (param,))
+             if isinstance(sub, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr))]
+    # A cond runs one of its branches: the costliest one is counted.
+    flops += repeats * (max(inner, default=0.0) if name == 'cond' else sum(inner))
   return float(flops)
 
 

@@ -63,3 +63,13 @@ def test_shard_map_body_counts_per_device_and_the_rest_split_over_devices():
   jaxpr = jax.jit(step).trace(x, w).jaxpr
   per_device = 2 * (16 // devices) * 4 * 3
   assert step_timing.matmul_conv_flops(jaxpr, devices) == per_device + 2 * 16 * 4 * 3 / devices
+
+
+def test_cond_counts_its_costliest_branch_once():
+  x, w = np.ones((6, 4), np.float32), np.ones((4, 3), np.float32)
+
+  def step(pred, x, w):
+    return jax.lax.cond(pred, lambda: x @ w, lambda: x @ w + (x + 1) @ w)  # 1 or 2 products.
+
+  jaxpr = jax.jit(step).trace(True, x, w).jaxpr
+  assert step_timing.matmul_conv_flops(jaxpr) == 2 * (2 * 6 * 4 * 3)
