@@ -58,7 +58,8 @@ _E2E_TRAIN_S = flags.DEFINE_float('e2e_train_s', 120, 'Seconds of SimCLR trainin
                                   'part (epochs estimated from the measured step).')
 _STEPS = flags.DEFINE_integer('steps', None, 'Timed steps per part (default 20; dry 2).')
 _E2E_EPOCHS = flags.DEFINE_integer('e2e_epochs', 0, 'Epochs of the e2e part (0: as many as '
-                                   'fit in --e2e_train_s; 200 is configs/fashion_mnist_gpu.py).')
+                                   'fit in --e2e_train_s; 200 is configs/fashion_mnist_gpu.py). '
+                                   'Raise --e2e_train_s with it: its guard still stops training.')
 _PARTS_FLAG = flags.DEFINE_list('parts', None, 'Only these parts, e.g. e2e/fashion_mnist '
                                 '(default: all, in the order of the table).')
 _SAVE_HLO = flags.DEFINE_bool('save_hlo', False, 'Write the optimized HLO of each jax part\'s '
